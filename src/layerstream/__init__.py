@@ -1,0 +1,16 @@
+"""layerstream: run PyTorch models whose weights stream from disk under a hard memory budget."""
+from .budget import parse_budget, parse_bytes
+from .errors import (BudgetError, ClosedError, LayerstreamError, MetaBufferError, ModelError, ReadError,
+                     WeightMismatch)
+from .eager import load_eager
+from .format import FormatError
+from .meta import build_empty, init_empty_weights
+from .plan import Plan
+from .stream import Report, StreamedModel, stream
+
+__all__ = [
+    "stream", "StreamedModel", "load_eager", "Report", "Plan", "init_empty_weights", "build_empty", "parse_budget", "parse_bytes",
+    "LayerstreamError", "BudgetError", "WeightMismatch", "MetaBufferError", "ReadError", "ModelError",
+    "ClosedError", "FormatError",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""The only place with threads, files and devices: readers, the arena, the executor, traces."""

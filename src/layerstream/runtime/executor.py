@@ -1,0 +1,303 @@
+"""Carries a Plan out: hooks on unit roots bind weights as views into the arena, reads run ahead.
+
+All scheduling happens on the compute thread, at hook time: ring bytes are only ever freed when a unit
+is released (a forward hook), so that is the only moment a blocked read can become issuable, and
+issuing there needs no scheduler thread and no lock around the plan. Reader threads only fill memory
+and signal completion.
+
+A planned load k lands at its fixed ring offset and is issued, in plan order, as soon as no live load
+overlaps its bytes. When compute needs a unit that is not the next planned load (data-dependent
+control flow, a first call whose order differs from the guess) it skips ahead within the call if the
+unit is planned later, or else reads it synchronously into a free gap of the ring (a *demand miss*),
+dropping the furthest-ahead prefetches if it must. Correctness never depends on the plan.
+"""
+from __future__ import annotations
+
+import threading
+
+import torch
+from torch import nn
+
+from ..budget import fmt_bytes
+from ..capture import ST_TO_TORCH, Captured
+from ..errors import BudgetError, ReadError
+from ..plan import Plan
+from ..units import UnitLayout
+from .arena import Arena
+from .io import CHUNK_BYTES, Reader
+from .trace import Trace
+
+
+class Load:
+    """One read of a unit into arena bytes [addr, addr + nbytes); `off` is ring-relative (None if resident)."""
+
+    __slots__ = ("uid", "off", "addr", "nbytes", "planned", "pending", "done", "error")
+
+    def __init__(self, uid: int, off: int | None, addr: int, nbytes: int, planned: bool = False):
+        self.uid, self.off, self.addr, self.nbytes, self.planned = uid, off, addr, nbytes, planned
+        self.pending = 0
+        self.done = threading.Event()
+        self.error: BaseException | None = None
+
+
+class Stats:
+    def __init__(self):
+        self.stall_ns = 0
+        self.demand_misses = 0
+        self.skipped = 0
+        self.bytes_read = 0
+        self.bytes_loaded = 0  # bytes of loads that compute actually used
+
+
+class Executor:
+    def __init__(self, cap: Captured, layouts: dict[int, UnitLayout], plan: Plan, arena: Arena,
+                 reader: Reader, pool, trace: Trace):
+        self.cap, self.layouts, self.plan, self.arena = cap, layouts, plan, arena
+        self.reader, self.pool, self.trace = reader, pool, trace
+        self.units = cap.program.units
+        self.sizes = {u: lay.slot_nbytes for u, lay in layouts.items()}
+        self.closer = {u.uid: u.roots[-1] for u in self.units}
+        self.loads = plan.loads
+        self.n = len(plan.loads)
+        self.resident = plan.resident_ids
+        self.refs = {t.name: t for t in cap.program.tensors}
+        self.stats = Stats()
+        self._lock = threading.Lock()
+        self.issue_idx = self.consume_idx = 0
+        self.inflight: dict[int, Load] = {}  # planned index -> issued load not yet consumed
+        self.live: list[Load] = []  # loads holding ring bytes
+        self.bound: dict[int, Load] = {}  # unit id -> ring load bound to its tensors
+        self.active: dict[str, int] = {}  # root path -> how many of its forwards are running
+        self.recorded: list[str] = []  # root paths in the order their forwards started this call
+        self.t_open: dict[str, int] = {}
+        self.holders: dict[str, torch.Tensor] = {}
+        self.bound_by: dict[str, Load] = {}  # tensor name -> the ring load its holder points into
+        self.resident_views: dict[str, torch.Tensor] = {}
+        self._views: dict[tuple[int, int], list[tuple[str, torch.Tensor]]] = {}
+        self._load_resident()
+
+    # ---- hooks (compute thread) -------------------------------------------------------------
+    def pre(self, path: str) -> None:
+        self.active[path] = self.active.get(path, 0) + 1
+        self.recorded.append(path)
+        for uid in self.cap.root_units[path]:
+            if uid not in self.resident and uid not in self.bound:
+                self._acquire(uid)
+        self.t_open[path] = Trace.now()
+
+    def post(self, path: str) -> None:
+        t1 = Trace.now()
+        self.trace.add(path or "<top>", "compute", self.t_open.pop(path, t1), t1, "compute")
+        self.active[path] -= 1
+        released = False
+        for uid in self.cap.root_units[path]:
+            if self.closer[uid] == path and uid in self.bound:
+                self._release(self.bound.pop(uid))
+                released = True
+        if released:
+            self._pump()
+
+    def begin_call(self) -> None:
+        self.recorded = []
+        self.active.clear()
+        if self.n and self.consume_idx % self.n:  # last call ended mid-cycle: realign to a call start
+            self._drop_from(self.consume_idx)
+            self.consume_idx = self.issue_idx = -(-self.consume_idx // self.n) * self.n
+        self._pump()
+
+    def end_call(self) -> None:
+        for load in list(self.bound.values()):
+            self._release(load)
+        self.bound.clear()
+        self._pump()  # the next call's first loads read during the gap between calls
+
+    # ---- acquiring and releasing --------------------------------------------------------------
+    def _acquire(self, uid: int) -> None:
+        k = self.consume_idx
+        if not (self.n and self.loads[k % self.n][0] == uid):
+            end = (k // self.n + 1) * self.n if self.n else k
+            k = next((i for i in range(k, end) if self.loads[i % self.n][0] == uid), None)
+            if k is not None:  # planned later in this call: skip the loads in between
+                self.stats.skipped += k - self.consume_idx
+                self._drop_range(self.consume_idx, k)
+        load = None
+        if k is not None:
+            load = self.inflight.pop(k, None)
+            self.consume_idx = k + 1
+            self.issue_idx = max(self.issue_idx, self.consume_idx)
+        if load is None:
+            load = self._demand(uid)
+        self._wait(load)
+        self.stats.bytes_loaded += load.nbytes
+        self._bind(load)
+        self.bound[uid] = load
+
+    def _release(self, load: Load) -> None:
+        for name, _ in self.layouts[load.uid].tensor_offsets:
+            if self.bound_by.get(name) is not load:
+                continue  # resident, or re-bound since by another unit that shares it (tied weights)
+            del self.bound_by[name]
+            for o in self.cap.owners[name]:
+                (o.module._parameters if o.is_param else o.module._buffers)[o.attr] = self.cap.originals[name]
+        self.live.remove(load)
+        self.arena.drop(load.nbytes)
+
+    def _bind(self, load: Load) -> None:
+        key = (load.uid, load.addr)
+        views = self._views.get(key)
+        if views is None:
+            views = [(name, self._view(name, load.addr + off)) for name, off in self.layouts[load.uid].tensor_offsets
+                     if name not in self.resident_views]
+            if load.planned:
+                self._views[key] = views  # planned placements repeat every call: build their views once
+        for name, view in views:
+            self._set(name, view)
+            self.bound_by[name] = load
+
+    def _set(self, name: str, view: torch.Tensor) -> None:
+        holder = self.holders.get(name)
+        if holder is None:
+            first = self.cap.owners[name][0]
+            # A new tensor object either way: assigning .data later must not retarget a cached view.
+            holder = nn.Parameter(view, requires_grad=False) if first.is_param else view.detach()
+            self.holders[name] = holder
+        else:
+            holder.data = view
+        for o in self.cap.owners[name]:
+            (o.module._parameters if o.is_param else o.module._buffers)[o.attr] = holder
+
+    def _view(self, name: str, addr: int) -> torch.Tensor:
+        ref = self.refs[name]
+        return self.arena.view(addr, ST_TO_TORCH[ref.dtype], ref.shape)
+
+    # ---- issuing reads --------------------------------------------------------------------------
+    def _pump(self) -> None:
+        """Issue planned loads in order while their ring bytes are free, up to one call ahead."""
+        while self.n and self.issue_idx < self.consume_idx + self.n:
+            uid, off = self.loads[self.issue_idx % self.n]
+            if self._overlaps(off, self.sizes[uid]):
+                return
+            load = Load(uid, off, self.plan.ring_offset + off, self.sizes[uid], planned=True)
+            self.inflight[self.issue_idx] = load
+            self._submit(load)
+            self.issue_idx += 1
+
+    def _overlaps(self, off: int, nbytes: int) -> bool:
+        end = off + nbytes
+        return any(ld.off < end and off < ld.off + ld.nbytes for ld in self.live)
+
+    def _submit(self, load: Load) -> None:
+        """Split the unit's extents into chunks and queue them; the last chunk to finish sets `done`."""
+        lay = self.layouts[load.uid]
+        chunks = []
+        for ext in lay.extents:
+            for c in range(0, ext.nbytes, CHUNK_BYTES):
+                n = min(CHUNK_BYTES, ext.nbytes - c)
+                foff = ext.file_off + c
+                chunks.append((load.addr + ext.slot_off + c, foff, n, max(0, min(n, lay.data_end - foff))))
+        load.pending = len(chunks)
+        if load.off is not None:
+            self.live.append(load)
+        self.arena.hold(load.nbytes)
+        self.stats.bytes_read += load.nbytes
+        if not chunks:
+            load.done.set()
+        for chunk in chunks:
+            self.pool.submit(self._read_chunk, load, *chunk)
+
+    def _read_chunk(self, load: Load, addr: int, file_off: int, nbytes: int, need: int) -> None:
+        t0 = Trace.now()
+        try:
+            if load.error is None:
+                self.reader.read_into(self.arena.mem[addr:addr + nbytes], file_off, need)
+        except BaseException as e:  # surfaced on the compute thread by _wait
+            load.error = e
+        finally:
+            self.trace.add(f"read u{load.uid}", "read", t0, Trace.now())
+            with self._lock:
+                load.pending -= 1
+                last = load.pending == 0
+            if last:
+                load.done.set()
+
+    def _wait(self, load: Load) -> None:
+        if not load.done.is_set():
+            t0 = Trace.now()
+            load.done.wait()
+            t1 = Trace.now()
+            self.stats.stall_ns += t1 - t0
+            self.trace.add(f"wait u{load.uid}", "wait", t0, t1, "compute")
+        if load.error is not None:
+            err = load.error
+            name = self.units[load.uid].name
+            raise ReadError(f"reading unit {load.uid} ({name}) failed: {err}") from err
+
+    # ---- demand misses and dropped prefetches ---------------------------------------------------
+    def _demand(self, uid: int) -> Load:
+        """Read `uid` now into a free gap of the ring, dropping the furthest prefetches if needed."""
+        self.stats.demand_misses += 1
+        need = self.sizes[uid]
+        while (off := self._free_gap(need)) is None:
+            idle = [ld for u, ld in self.bound.items() if not any(self.active.get(r) for r in self.units[u].roots)]
+            if idle:  # bound, but none of its roots is running: its window outlived its use (an odd order)
+                self._release(self.bound.pop(idle[0].uid))
+                continue
+            if not self.inflight:
+                held = ", ".join(f"{self.units[ld.uid].name} ({fmt_bytes(ld.nbytes)})" for ld in self.live)
+                raise BudgetError(
+                    f"unit {uid} ({self.units[uid].name}, {fmt_bytes(need)}) does not fit the "
+                    f"{fmt_bytes(self.plan.ring_bytes)} ring beside the units in use at the same time: {held}; "
+                    "raise the budget or lower max_unit")
+            self._drop_from(max(self.inflight))
+        load = Load(uid, off, self.plan.ring_offset + off, need)
+        self._submit(load)
+        return load
+
+    def _free_gap(self, nbytes: int) -> int | None:
+        pos = 0
+        for ld in sorted(self.live, key=lambda x: x.off):
+            if ld.off - pos >= nbytes:
+                return pos
+            pos = max(pos, ld.off + ld.nbytes)
+        return pos if self.plan.ring_bytes - pos >= nbytes else None
+
+    def _drop_range(self, lo: int, hi: int) -> None:
+        for k in [k for k in self.inflight if lo <= k < hi]:
+            self._drop(self.inflight.pop(k))
+
+    def _drop_from(self, lo: int) -> None:
+        self._drop_range(lo, max(self.inflight, default=lo) + 1)
+        self.issue_idx = min(self.issue_idx, lo)
+
+    def _drop(self, load: Load) -> None:
+        load.done.wait()  # its reads still write into the ring: the bytes are free only once they finish
+        self.live.remove(load)
+        self.arena.drop(load.nbytes)
+
+    # ---- resident units and shutdown ------------------------------------------------------------
+    def _load_resident(self) -> None:
+        loads = [Load(uid, None, addr, self.sizes[uid]) for uid, addr in self.plan.resident]
+        for load in loads:
+            self._submit(load)
+        for load in loads:
+            self._wait(load)
+            for name, off in self.layouts[load.uid].tensor_offsets:
+                if name not in self.resident_views:
+                    view = self._view(name, load.addr + off)
+                    self.resident_views[name] = view
+                    self._set(name, view)
+
+    def close(self) -> None:
+        """Wait for every read in flight, then give every tensor back its original (meta) object."""
+        for load in list(self.inflight.values()):
+            load.done.wait()
+        self.inflight.clear()
+        for name, owners in self.cap.owners.items():
+            for o in owners:
+                (o.module._parameters if o.is_param else o.module._buffers)[o.attr] = self.cap.originals[name]
+        self.live.clear()
+        self.bound.clear()
+        self.holders.clear()
+        self.bound_by.clear()
+        self.resident_views.clear()
+        self._views.clear()

@@ -1,0 +1,250 @@
+"""`stream(model, path, budget)`: the model, callable as before, with its weights streamed from disk."""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from .budget import fmt_bytes, parse_budget
+from .capture import capture, fuse
+from .errors import ClosedError, ModelError
+from .format import read_index
+from .layout import unit_layout
+from .plan import Plan, plan_fill
+from .runtime.arena import Arena
+from .runtime.executor import Executor
+from .runtime.io import DEFAULT_WORKERS, open_reader, read_pool
+from .runtime.trace import Trace
+
+MIN_UNIT = 256 * 2**10
+MAX_UNIT = 64 * 2**20
+
+
+def default_max_unit(budget: int) -> int:
+    """Units of about an eighth of the budget: the ring holds a few, the rest can stay resident."""
+    return max(MIN_UNIT, min(MAX_UNIT, budget // 8))
+
+
+def model_weight_bytes(model: nn.Module) -> int:
+    """Bytes of the distinct parameters and persistent buffers (tied weights counted once)."""
+    seen, total = set(), 0
+    for mod in model.modules():
+        tensors = list(mod._parameters.values()) + [
+            b for n, b in mod._buffers.items() if n not in mod._non_persistent_buffers_set]
+        for t in tensors:
+            if t is not None and id(t) not in seen:
+                seen.add(id(t))
+                total += t.numel() * t.element_size()
+    return total
+
+
+@dataclass
+class Report:
+    """What streaming cost: per-call latency, memory, reads and stalls."""
+
+    calls: int
+    latency_ms: float  # the last call
+    latency_ms_all: list[float]
+    weight_bytes: int  # the whole model, what preloading would hold
+    budget_bytes: int
+    arena_bytes: int  # allocated once, <= budget
+    arena_peak_bytes: int  # the arena's own accounting of live bytes
+    resident_bytes: int
+    ring_bytes: int
+    bytes_read: int  # all calls, resident loads included
+    bytes_read_last_call: int
+    stall_ms: float  # compute waiting for reads, last call
+    demand_misses: int  # all calls
+    units: int
+    loads_per_call: int
+    reader: str  # "direct" (O_DIRECT) or "buffered" (the filesystem refused O_DIRECT)
+    notes: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        rows = [
+            ("calls", f"{self.calls}"),
+            ("latency (last call)", f"{self.latency_ms:.1f} ms"),
+            ("weights", fmt_bytes(self.weight_bytes)),
+            ("budget", fmt_bytes(self.budget_bytes)),
+            ("arena (peak used)", f"{fmt_bytes(self.arena_bytes)} ({fmt_bytes(self.arena_peak_bytes)})"),
+            ("resident / ring", f"{fmt_bytes(self.resident_bytes)} / {fmt_bytes(self.ring_bytes)}"),
+            ("read (last call / all)", f"{fmt_bytes(self.bytes_read_last_call)} / {fmt_bytes(self.bytes_read)}"),
+            ("stall (last call)", f"{self.stall_ms:.1f} ms"),
+            ("demand misses", f"{self.demand_misses}"),
+            ("units / loads per call", f"{self.units} / {self.loads_per_call}"),
+            ("reader", self.reader),
+        ]
+        w = max(len(k) for k, _ in rows)
+        return "\n".join([f"{k:<{w}}  {v}" for k, v in rows] + [f"note: {n}" for n in self.notes])
+
+
+class StreamedModel(nn.Module):
+    """Wraps a model whose weights are streamed from a safetensors file into a budgeted arena.
+
+    Calls run under torch.no_grad(): streamed weights are views that the next load overwrites, so
+    nothing may keep them for a backward pass. Close it (or use `with`) to stop its reader threads,
+    close its file and free its arena.
+    """
+
+    def __init__(self, model: nn.Module, path: str | os.PathLike, budget="10%", device="cpu", *,
+                 plan: Plan | None = None, max_unit: int | None = None, reader: str = "auto",
+                 workers: int = DEFAULT_WORKERS, trace: bool = True):
+        super().__init__()
+        if torch.device(device).type != "cpu":
+            raise NotImplementedError(f"device {device!r}: only 'cpu' streaming is implemented so far")
+        self.model = model
+        self.path = os.fspath(path)
+        self.index = read_index(self.path)
+        self.weight_bytes = model_weight_bytes(model)
+        self.budget_bytes = parse_budget(budget, self.weight_bytes)
+        self.max_unit = max_unit or default_max_unit(self.budget_bytes)
+        self._set_capture(capture(model, self.index, self.max_unit))
+        self.trace = Trace(trace)
+        self._reader = open_reader(self.path, reader)
+        self._pool = read_pool(workers)
+        self._latencies: list[float] = []
+        self._bytes_last = 0
+        self._stall_last = 0
+        self._replanned = plan is not None
+        self._exec = self._arena = None
+        self._hooks = []
+        try:
+            self._start(plan or plan_fill(self.cap.program, self.sizes, self.budget_bytes))
+            for path_, mod in self.cap.roots.items():
+                self._hooks.append(mod.register_forward_pre_hook(self._pre_hook(path_)))
+                self._hooks.append(mod.register_forward_hook(self._post_hook(path_), always_call=True))
+        except BaseException:
+            self.close()
+            raise
+
+    def _set_capture(self, cap) -> None:
+        self.cap = cap
+        self.layouts = {u.uid: unit_layout(u, self.index) for u in cap.program.units}
+        self.sizes = {u: lay.slot_nbytes for u, lay in self.layouts.items()}
+
+    # The hooks look the executor up at call time, so a re-plan swaps it without touching hooks.
+    def _pre_hook(self, path: str):
+        return lambda mod, args: self._exec.pre(path)
+
+    def _post_hook(self, path: str):
+        return lambda mod, args, out: self._exec.post(path)
+
+    def _start(self, plan: Plan) -> None:
+        self.plan = plan
+        self._arena = Arena(plan.arena_bytes, self.budget_bytes)
+        self._exec = Executor(self.cap, self.layouts, plan, self._arena, self._reader, self._pool, self.trace)
+
+    def _stop(self) -> None:
+        if self._exec is not None:
+            self._exec.close()
+            self._exec = None
+        if self._arena is not None:
+            self._arena.close()
+            self._arena = None
+
+    def forward(self, *args, **kwargs):
+        if self._exec is None:
+            raise ClosedError("this streamed model is closed; call layerstream.stream() again")
+        ex = self._exec
+        read0, stall0 = ex.stats.bytes_read, ex.stats.stall_ns
+        t0 = time.perf_counter()
+        ex.begin_call()
+        try:
+            with torch.no_grad():
+                out = self.model(*args, **kwargs)
+        finally:
+            ex.end_call()
+        self._latencies.append((time.perf_counter() - t0) * 1e3)
+        self._bytes_last = ex.stats.bytes_read - read0
+        self._stall_last = ex.stats.stall_ns - stall0
+        _check_not_meta(out)
+        self._maybe_replan(ex)
+        return out
+
+    def _maybe_replan(self, ex: Executor) -> None:
+        """After the first call, plan again from the order the call really took, if it differs."""
+        if self._replanned:
+            return
+        self._replanned = True
+        cap = fuse(self.cap, ex.recorded, self.max_unit, self.index)
+        if cap.program != self.cap.program:
+            stats = ex.stats
+            self._stop()
+            self._set_capture(cap)
+            self._start(plan_fill(cap.program, self.sizes, self.budget_bytes))
+            self._exec.stats = stats
+
+    def report(self) -> Report:
+        ex = self._exec
+        if ex is None:
+            raise ClosedError("report() after close(): keep the report before closing")
+        notes = []
+        if self._reader.mode == "buffered":
+            notes.append("the filesystem refused O_DIRECT: buffered reads, pages dropped after each read")
+        return Report(
+            calls=len(self._latencies), latency_ms=self._latencies[-1] if self._latencies else 0.0,
+            latency_ms_all=list(self._latencies), weight_bytes=self.weight_bytes,
+            budget_bytes=self.budget_bytes, arena_bytes=self._arena.nbytes,
+            arena_peak_bytes=self._arena.peak_bytes, resident_bytes=self.plan.ring_offset,
+            ring_bytes=self.plan.ring_bytes, bytes_read=ex.stats.bytes_read, bytes_read_last_call=self._bytes_last,
+            stall_ms=self._stall_last / 1e6, demand_misses=ex.stats.demand_misses,
+            units=len(self.cap.program.units), loads_per_call=len(self.plan.loads),
+            reader=self._reader.mode, notes=notes)
+
+    def close(self) -> None:
+        """Stop reads, remove hooks, give the model back its meta tensors, close the file, free the arena."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        self._stop()
+        if getattr(self, "_pool", None) is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+        if getattr(self, "_reader", None) is not None:
+            self._reader.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+def _check_not_meta(out) -> None:
+    """A meta tensor in the output means a weight was used outside its module's forward."""
+    stack = [out]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, torch.Tensor):
+            if x.is_meta:
+                raise ModelError(
+                    "the output is on the meta device: the model used a weight outside the forward of the "
+                    "module that owns it (e.g. a parent reading child.weight directly), so it was not loaded; "
+                    "pass a larger max_unit so that parent and child form one unit")
+        elif isinstance(x, (list, tuple)):
+            stack.extend(x)
+        elif isinstance(x, dict):
+            stack.extend(x.values())
+        elif hasattr(x, "to_tuple"):
+            stack.extend(x.to_tuple())
+
+
+def stream(model: nn.Module, path: str | os.PathLike, budget="10%", device="cpu", **kwargs) -> StreamedModel:
+    """Stream `model`'s weights from the safetensors file `path` under `budget` bytes of weight memory.
+
+    `model` is best built with its weights on meta (`layerstream.init_empty_weights()`); `budget` is a
+    byte count, a size ("512MB", "1.5GiB") or a share of the model's weights ("10%").
+    """
+    return StreamedModel(model, path, budget, device, **kwargs)

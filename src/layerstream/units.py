@@ -1,0 +1,82 @@
+"""The plain data every stage shares: tensors, load units, the step order, read layouts.
+
+No torch, no threads, no I/O: capture produces these, the planner consumes them, the runtime carries
+them out. Everything is frozen so a Program or a layout can be cached, printed and compared.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """One tensor of the weight file that the model needs."""
+
+    name: str  # its name in the weight file
+    dtype: str  # safetensors dtype code, e.g. "F32"
+    shape: tuple[int, ...]
+    nbytes: int
+    aliases: tuple[str, ...] = ()  # other state_dict names of the same tensor (tied weights)
+
+
+@dataclass(frozen=True)
+class Unit:
+    """A set of tensors loaded and released together: the weights of one or more module subtrees.
+
+    A unit is needed from the pre-forward hook of its first root to the forward hook of its last
+    root (`roots[-1]`, the *closer*). Roots of a merged unit run one after another, so that window is
+    short; a *pinned* unit holds the parameters a module owns beside its children, whose window
+    encloses the children's, so it is always resident (a ring slot held that long would block the ring).
+    """
+
+    uid: int
+    name: str
+    roots: tuple[str, ...]  # module paths ("" is the top module) whose forward needs this unit
+    tensors: tuple[str, ...]  # file tensor names
+    nbytes: int  # sum of the tensors' bytes
+    pinned: bool = False
+
+
+@dataclass(frozen=True)
+class Program:
+    """What one call of the model needs, in order.
+
+    `steps` lists unit ids in the order they are first needed in one call; a unit appears once per
+    time it is loaded (a module called twice, apart, appears twice).
+    """
+
+    units: tuple[Unit, ...]
+    steps: tuple[int, ...]
+    tensors: tuple[TensorRef, ...]
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of all distinct tensors: what preloading the whole model costs."""
+        return sum(t.nbytes for t in self.tensors)
+
+    def with_steps(self, steps: tuple[int, ...]) -> "Program":
+        return Program(self.units, tuple(steps), self.tensors)
+
+
+@dataclass(frozen=True)
+class Extent:
+    """One aligned read: `nbytes` from file offset `file_off` into the unit's slot at `slot_off`."""
+
+    file_off: int
+    nbytes: int
+    slot_off: int
+
+
+@dataclass(frozen=True)
+class UnitLayout:
+    """How a unit is read from a particular file and where each tensor sits in its slot.
+
+    Reads are aligned supersets of the tensors (O_DIRECT wants aligned offsets, lengths and buffers),
+    so a slot is slightly larger than the unit's bytes; `slot_nbytes` is what the arena must hold.
+    """
+
+    uid: int
+    extents: tuple[Extent, ...]
+    tensor_offsets: tuple[tuple[str, int], ...]  # (tensor name, byte offset in the slot)
+    slot_nbytes: int
+    data_end: int  # file offset past the last byte any tensor needs (reads past EOF are fine up to it)
