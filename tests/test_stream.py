@@ -130,12 +130,14 @@ def test_data_dependent_branch_stays_correct(tmp_path):
         assert sm.report().arena_peak_bytes <= sm.report().budget_bytes
 
 
-def test_close_leaves_no_thread_or_fd(saved):
+@pytest.mark.parametrize("io", ["aio", "threads"])
+def test_close_leaves_no_thread_or_fd(saved, io):
     s = saved("tiny-vit")
     fds, threads = open_fds(), reader_threads()
-    sm = ls.stream(s.model(), s.path, budget=budget_at(s, "25%"), max_unit=SMALL_UNIT)
-    sm(*s.inputs)
-    assert reader_threads()
+    sm = ls.stream(s.model(), s.path, budget=budget_at(s, "25%"), max_unit=SMALL_UNIT, io=io)
+    s.check(sm(*s.inputs))
+    assert sm.report().reader == f"direct/{io}"
+    assert bool(reader_threads()) == (io == "threads")  # kernel AIO needs no reader thread
     sm.close()
     assert reader_threads() == threads
     assert open_fds() == fds

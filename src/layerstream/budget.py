@@ -1,6 +1,7 @@
 """Byte sizes and budgets, parsed once at the edge: "512MB", "1.5GiB", "10%", 4096."""
 from __future__ import annotations
 
+import math
 import re
 
 from .errors import BudgetError
@@ -19,6 +20,8 @@ def parse_bytes(text: str | int | float) -> int:
     if isinstance(text, bool):
         raise BudgetError(f"byte size {text!r} is a bool; give a number of bytes or a string like '512MB'")
     if isinstance(text, (int, float)):
+        if isinstance(text, float) and not math.isfinite(text):
+            raise BudgetError(f"byte size {text} is not a finite number; give a number of bytes or a string like '512MB'")
         if text < 0:
             raise BudgetError(f"byte size {text} is negative")
         return int(text)
@@ -28,7 +31,10 @@ def parse_bytes(text: str | int | float) -> int:
         raise BudgetError(
             f"cannot parse byte size {text!r}: use a number of bytes or a number with one of "
             "B, KB, MB, GB, KiB, MiB, GiB (e.g. '512MB', '1.5GiB')")
-    return int(float(m.group(1)) * _UNITS[unit])
+    value = float(m.group(1)) * _UNITS[unit]
+    if not math.isfinite(value):
+        raise BudgetError(f"byte size {text!r} is too large; give a size like '512MB' or '1.5GiB'")
+    return int(value)
 
 
 def parse_budget(text: str | int | float, weight_bytes: int) -> int:
@@ -38,9 +44,10 @@ def parse_budget(text: str | int | float, weight_bytes: int) -> int:
             pct = float(text.strip()[:-1])
         except ValueError:
             raise BudgetError(f"cannot parse budget {text!r}: a percentage looks like '10%'") from None
-        if not 0 < pct:
-            raise BudgetError(f"budget {text!r} must be a positive percentage of the weights")
-        return int(weight_bytes * pct / 100)
+        value = weight_bytes * pct / 100
+        if not (0 < pct and math.isfinite(value)):
+            raise BudgetError(f"budget {text!r} must be a positive, finite percentage of the weights (e.g. '10%')")
+        return int(value)
     return parse_bytes(text)
 
 

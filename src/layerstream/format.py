@@ -102,7 +102,7 @@ def parse_header(path: str, raw: bytes, file_size: int) -> FileIndex:
     """Validate a header's JSON bytes against a file of `file_size` bytes (pure, fuzzable)."""
     try:
         obj = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # bad UTF-8/JSON, ints past Python's digit limit, deep nesting
         raise HeaderCorrupt(f"{path}: header is not valid UTF-8 JSON ({e}); the file is corrupt") from None
     if not isinstance(obj, dict):
         raise HeaderCorrupt(f"{path}: header is a JSON {type(obj).__name__}, not an object")

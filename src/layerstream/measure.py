@@ -1,11 +1,14 @@
 """Measurements shared by the CLI and the benchmarks: peak RSS, disk read speed, page-cache eviction."""
 from __future__ import annotations
 
-import mmap
 import os
 import time
+from collections import deque
 
-from .runtime.io import CHUNK_BYTES, DEFAULT_WORKERS, open_reader, read_pool
+from .runtime.arena import Arena
+from .runtime.executor import Load
+from .runtime.io import make_io, open_reader
+from .runtime.trace import Trace
 
 
 def peak_rss_bytes() -> int:
@@ -27,35 +30,38 @@ def evict_page_cache(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
-def disk_read_bps(path: str | os.PathLike, mode: str = "auto", workers: int = DEFAULT_WORKERS,
+def disk_read_bps(path: str | os.PathLike, mode: str = "auto", io: str = "auto",
                   max_bytes: int = 2 * 2**30) -> tuple[float, str]:
-    """Read speed of `path` with the streaming reader (same mode, chunking and threads), in bytes/s.
+    """Read speed of `path` with the streaming reader (same mode, backend and chunking), in bytes/s.
 
     Reads up to `max_bytes` of the file through a small reused buffer, so it costs no memory, and
     evicts the file's pages first so a buffered reader is measured against the disk, not the cache.
+    Returns (bytes per second, "mode/backend").
     """
     path = os.fspath(path)
     evict_page_cache(path)
     reader = open_reader(path, mode)
+    backend = make_io(reader, Trace(enabled=False), io)
+    slots, chunk = 16, backend.chunk_bytes  # reads in flight: enough for the disk's ceiling either way
+    arena = Arena(slots * chunk, slots * chunk)
     size = min(reader.size - reader.size % 4096, max_bytes)
-    slots = 2 * workers
-    buf = mmap.mmap(-1, slots * CHUNK_BYTES)
-    mem = memoryview(buf)
     try:
-        with read_pool(workers) as pool:
-            t0 = time.perf_counter()
-            futs = []
-            for i, off in enumerate(range(0, size, CHUNK_BYTES)):
-                n = min(CHUNK_BYTES, size - off)
-                slot = (i % slots) * CHUNK_BYTES
-                if len(futs) >= slots:
-                    futs.pop(0).result()  # the slot is reused: wait for the read that last used it
-                futs.append(pool.submit(reader.read_into, mem[slot:slot + n], off, n))
-            for f in futs:
-                f.result()
-            dt = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        loads: deque[Load] = deque()
+        for i, off in enumerate(range(0, size, chunk)):
+            if len(loads) == slots:
+                backend.wait(loads.popleft())  # its slot is reused next
+            load = Load(-1, None, (i % slots) * chunk, chunk)
+            n = min(chunk, size - off)
+            backend.submit(load, arena, [(load.addr, off, n, n)])
+            loads.append(load)
+        for load in loads:
+            backend.wait(load)
+        dt = time.perf_counter() - t0
+        if any(ld.error for ld in loads):
+            raise next(ld.error for ld in loads if ld.error)
     finally:
+        backend.close()
         reader.close()
-        mem.release()
-        buf.close()
-    return size / dt, reader.mode
+        arena.close()
+    return size / dt, f"{reader.mode}/{backend.kind}"

@@ -16,7 +16,7 @@ from .layout import unit_layout
 from .plan import Plan, plan_fill
 from .runtime.arena import Arena
 from .runtime.executor import Executor
-from .runtime.io import DEFAULT_WORKERS, open_reader, read_pool
+from .runtime.io import DEFAULT_WORKERS, make_io, open_reader
 from .runtime.trace import Trace
 
 MIN_UNIT = 256 * 2**10
@@ -60,7 +60,7 @@ class Report:
     demand_misses: int  # all calls
     units: int
     loads_per_call: int
-    reader: str  # "direct" (O_DIRECT) or "buffered" (the filesystem refused O_DIRECT)
+    reader: str  # "direct/aio", "direct/threads" or "buffered/threads" (the filesystem refused O_DIRECT)
     notes: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict:
@@ -94,28 +94,30 @@ class StreamedModel(nn.Module):
 
     def __init__(self, model: nn.Module, path: str | os.PathLike, budget="10%", device="cpu", *,
                  plan: Plan | None = None, max_unit: int | None = None, reader: str = "auto",
-                 workers: int = DEFAULT_WORKERS, trace: bool = True):
+                 io: str = "auto", workers: int = DEFAULT_WORKERS, trace: bool = True):
         super().__init__()
         if torch.device(device).type != "cpu":
             raise NotImplementedError(f"device {device!r}: only 'cpu' streaming is implemented so far")
+        self._exec = self._arena = self._io = self._reader = None
+        self._hooks = []
         self.model = model
         self.path = os.fspath(path)
+        # Everything that can refuse (file header, model/file match, budget) runs before anything opens.
         self.index = read_index(self.path)
         self.weight_bytes = model_weight_bytes(model)
         self.budget_bytes = parse_budget(budget, self.weight_bytes)
         self.max_unit = max_unit or default_max_unit(self.budget_bytes)
         self._set_capture(capture(model, self.index, self.max_unit))
+        self._replanned = plan is not None  # a plan the user passed is kept as it is
+        plan = plan or plan_fill(self.cap.program, self.sizes, self.budget_bytes)
         self.trace = Trace(trace)
-        self._reader = open_reader(self.path, reader)
-        self._pool = read_pool(workers)
         self._latencies: list[float] = []
         self._bytes_last = 0
         self._stall_last = 0
-        self._replanned = plan is not None
-        self._exec = self._arena = None
-        self._hooks = []
         try:
-            self._start(plan or plan_fill(self.cap.program, self.sizes, self.budget_bytes))
+            self._reader = open_reader(self.path, reader)
+            self._io = make_io(self._reader, self.trace, io, workers)
+            self._start(plan)
             for path_, mod in self.cap.roots.items():
                 self._hooks.append(mod.register_forward_pre_hook(self._pre_hook(path_)))
                 self._hooks.append(mod.register_forward_hook(self._post_hook(path_), always_call=True))
@@ -138,7 +140,7 @@ class StreamedModel(nn.Module):
     def _start(self, plan: Plan) -> None:
         self.plan = plan
         self._arena = Arena(plan.arena_bytes, self.budget_bytes)
-        self._exec = Executor(self.cap, self.layouts, plan, self._arena, self._reader, self._pool, self.trace)
+        self._exec = Executor(self.cap, self.layouts, plan, self._arena, self._io, self.trace)
 
     def _stop(self) -> None:
         if self._exec is not None:
@@ -195,7 +197,7 @@ class StreamedModel(nn.Module):
             ring_bytes=self.plan.ring_bytes, bytes_read=ex.stats.bytes_read, bytes_read_last_call=self._bytes_last,
             stall_ms=self._stall_last / 1e6, demand_misses=ex.stats.demand_misses,
             units=len(self.cap.program.units), loads_per_call=len(self.plan.loads),
-            reader=self._reader.mode, notes=notes)
+            reader=f"{self._reader.mode}/{self._io.kind}", notes=notes)
 
     def close(self) -> None:
         """Stop reads, remove hooks, give the model back its meta tensors, close the file, free the arena."""
@@ -203,11 +205,12 @@ class StreamedModel(nn.Module):
             h.remove()
         self._hooks = []
         self._stop()
-        if getattr(self, "_pool", None) is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
-        if getattr(self, "_reader", None) is not None:
+        if self._io is not None:
+            self._io.close()
+            self._io = None
+        if self._reader is not None:
             self._reader.close()
+            self._reader = None
 
     def __enter__(self):
         return self

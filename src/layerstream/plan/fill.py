@@ -34,7 +34,10 @@ def plan_fill(program: Program, sizes: dict[int, int], budget: int) -> Plan:
 
     for u in candidates:
         rest = streamed - {u}
-        if res_bytes + sizes[u] + _ring_target(step_sizes(rest)) <= budget:
+        # The ring never needs more than keeping all of `rest` resident would cost (a unit loaded
+        # several times per call counts once there), so a budget that holds everything streams nothing.
+        ring_need = min(_ring_target(step_sizes(rest)), sum(sizes[x] for x in rest))
+        if res_bytes + sizes[u] + ring_need <= budget:
             resident.append(u)
             res_bytes += sizes[u]
             streamed = rest

@@ -7,6 +7,7 @@ held by live loads and the peak of that, which tests assert against the budget.
 """
 from __future__ import annotations
 
+import mmap
 import threading
 
 import torch
@@ -21,11 +22,12 @@ class Arena:
         if nbytes > budget:
             raise BudgetError(f"arena of {nbytes} bytes exceeds the budget of {budget} bytes")
         self.nbytes, self.budget = nbytes, budget
-        # Over-allocate one page and start at the first page boundary: torch aligns only to 64 bytes.
-        self._raw = torch.empty(nbytes + PAGE, dtype=torch.uint8)
-        start = (-self._raw.data_ptr()) % PAGE
-        self.buf = self._raw[start:start + nbytes]
-        self.mem = memoryview(self.buf.numpy()) if nbytes else memoryview(bytearray())
+        # Its own anonymous mapping, not torch's allocator: page-aligned for O_DIRECT, and unmapped
+        # when the last view dies. Through glibc, freeing one arena raises malloc's mmap threshold, so a
+        # re-planned arena would come from the brk heap beside activations and never be given back.
+        self._map = mmap.mmap(-1, max(nbytes, PAGE))
+        self.buf = torch.frombuffer(self._map, dtype=torch.uint8)[:nbytes]
+        self.mem = memoryview(self._map)[:nbytes]
         self._lock = threading.Lock()
         self.live_bytes = 0
         self.peak_bytes = 0
@@ -50,5 +52,6 @@ class Arena:
             self.live_bytes -= nbytes
 
     def close(self) -> None:
+        """Drop our references; the mapping goes when no view of it is left (never under a live view)."""
         self.mem.release()
-        self.buf = self._raw = None
+        self.buf = self.mem = self._map = None

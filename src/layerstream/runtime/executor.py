@@ -24,7 +24,7 @@ from ..errors import BudgetError, ReadError
 from ..plan import Plan
 from ..units import UnitLayout
 from .arena import Arena
-from .io import CHUNK_BYTES, Reader
+from .io import IOBackend
 from .trace import Trace
 
 
@@ -51,9 +51,9 @@ class Stats:
 
 class Executor:
     def __init__(self, cap: Captured, layouts: dict[int, UnitLayout], plan: Plan, arena: Arena,
-                 reader: Reader, pool, trace: Trace):
+                 io: IOBackend, trace: Trace):
         self.cap, self.layouts, self.plan, self.arena = cap, layouts, plan, arena
-        self.reader, self.pool, self.trace = reader, pool, trace
+        self.io, self.trace = io, trace
         self.units = cap.program.units
         self.sizes = {u: lay.slot_nbytes for u, lay in layouts.items()}
         self.closer = {u.uid: u.roots[-1] for u in self.units}
@@ -62,7 +62,6 @@ class Executor:
         self.resident = plan.resident_ids
         self.refs = {t.name: t for t in cap.program.tensors}
         self.stats = Stats()
-        self._lock = threading.Lock()
         self.issue_idx = self.consume_idx = 0
         self.inflight: dict[int, Load] = {}  # planned index -> issued load not yet consumed
         self.live: list[Load] = []  # loads holding ring bytes
@@ -127,7 +126,11 @@ class Executor:
             self.issue_idx = max(self.issue_idx, self.consume_idx)
         if load is None:
             load = self._demand(uid)
-        self._wait(load)
+        try:
+            self._wait(load)
+        except BaseException:
+            self._forget(load)  # its bytes hold nothing usable: give them back so the next call can run
+            raise
         self.stats.bytes_loaded += load.nbytes
         self._bind(load)
         self.bound[uid] = load
@@ -187,43 +190,24 @@ class Executor:
         return any(ld.off < end and off < ld.off + ld.nbytes for ld in self.live)
 
     def _submit(self, load: Load) -> None:
-        """Split the unit's extents into chunks and queue them; the last chunk to finish sets `done`."""
+        """Split the unit's extents into chunks and hand them to the I/O backend."""
         lay = self.layouts[load.uid]
-        chunks = []
+        chunks, step = [], self.io.chunk_bytes
         for ext in lay.extents:
-            for c in range(0, ext.nbytes, CHUNK_BYTES):
-                n = min(CHUNK_BYTES, ext.nbytes - c)
+            for c in range(0, ext.nbytes, step):
+                n = min(step, ext.nbytes - c)
                 foff = ext.file_off + c
                 chunks.append((load.addr + ext.slot_off + c, foff, n, max(0, min(n, lay.data_end - foff))))
-        load.pending = len(chunks)
         if load.off is not None:
             self.live.append(load)
         self.arena.hold(load.nbytes)
         self.stats.bytes_read += load.nbytes
-        if not chunks:
-            load.done.set()
-        for chunk in chunks:
-            self.pool.submit(self._read_chunk, load, *chunk)
-
-    def _read_chunk(self, load: Load, addr: int, file_off: int, nbytes: int, need: int) -> None:
-        t0 = Trace.now()
-        try:
-            if load.error is None:
-                self.reader.read_into(self.arena.mem[addr:addr + nbytes], file_off, need)
-        except BaseException as e:  # surfaced on the compute thread by _wait
-            load.error = e
-        finally:
-            self.trace.add(f"read u{load.uid}", "read", t0, Trace.now())
-            with self._lock:
-                load.pending -= 1
-                last = load.pending == 0
-            if last:
-                load.done.set()
+        self.io.submit(load, self.arena, chunks)
 
     def _wait(self, load: Load) -> None:
         if not load.done.is_set():
             t0 = Trace.now()
-            load.done.wait()
+            self.io.wait(load)
             t1 = Trace.now()
             self.stats.stall_ns += t1 - t0
             self.trace.add(f"wait u{load.uid}", "wait", t0, t1, "compute")
@@ -270,8 +254,12 @@ class Executor:
         self.issue_idx = min(self.issue_idx, lo)
 
     def _drop(self, load: Load) -> None:
-        load.done.wait()  # its reads still write into the ring: the bytes are free only once they finish
-        self.live.remove(load)
+        self.io.wait(load)  # its reads still write into the ring: the bytes are free only once they finish
+        self._forget(load)
+
+    def _forget(self, load: Load) -> None:
+        if load in self.live:
+            self.live.remove(load)
         self.arena.drop(load.nbytes)
 
     # ---- resident units and shutdown ------------------------------------------------------------
@@ -290,7 +278,7 @@ class Executor:
     def close(self) -> None:
         """Wait for every read in flight, then give every tensor back its original (meta) object."""
         for load in list(self.inflight.values()):
-            load.done.wait()
+            self.io.wait(load)
         self.inflight.clear()
         for name, owners in self.cap.owners.items():
             for o in owners:

@@ -1,0 +1,112 @@
+"""The `layerstream` command: demo | run | bench."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .errors import LayerstreamError
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def cmd_run(a) -> int:
+    import torch
+
+    from .meta import build_empty
+    from .models import resolve, weights_for
+    from .stream import stream
+
+    spec = resolve(a.model)
+    weights = weights_for(a.model, spec, a.weights)
+    inputs = spec.example_inputs()
+    with stream(build_empty(spec.build), weights, budget=a.budget, max_unit=a.max_unit, reader=a.reader) as sm:
+        _log(sm.plan.summary(sm.cap.program, sm.sizes))
+        for i in range(a.repeat):
+            out = sm(*inputs)
+            _log(f"call {i + 1}/{a.repeat}: {sm.report().latency_ms:.1f} ms")
+        print(sm.report())
+        if a.trace:
+            sm.trace.save_chrome(a.trace)
+            _log(f"trace written to {a.trace} (open it in https://ui.perfetto.dev)")
+    if a.check:
+        from .bench import _flat
+        from .eager import load_eager
+        with torch.no_grad():
+            ref = load_eager(build_empty(spec.build), weights)(*inputs)
+        equal = all(torch.equal(x, y) for x, y in zip(_flat(out), _flat(ref)))
+        print(f"outputs equal to eager: {'yes' if equal else 'NO'}")
+        return 0 if equal else 1
+    return 0
+
+
+def cmd_bench(a) -> int:
+    from .bench import bench, table
+    from .models import resolve, weights_for
+
+    spec = resolve(a.model)
+    weights = weights_for(a.model, spec, a.weights)
+    result = bench(a.model, str(weights), a.budget or ["10%", "25%"], repeat=a.repeat, log=_log)
+    print(f"\n{a.model}: {spec.description}; weights {result['weight_bytes'] / 1e6:.0f} MB, "
+          f"disk {result['disk_read_bps'] / 1e9:.2f} GB/s (O_DIRECT, measured before each streamed run)\n")
+    print(table(result))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(result, f, indent=1)
+        _log(f"results written to {a.json}")
+    return 0 if all(r["outputs_equal"] for r in result["runs"]) else 1
+
+
+def cmd_demo(a) -> int:
+    """The front door: a zoo model streamed at 10% of its weights beside the eager model."""
+    a.model, a.budget, a.json = a.model, [a.budget], None
+    _log(f"layerstream demo: {a.model} streamed at {a.budget[0]} of its weights, beside the eager model.\n"
+         "Each configuration runs in a fresh process so peak RSS is its own.")
+    return cmd_bench(a)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="layerstream", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    def model_args(q):
+        q.add_argument("model", help="zoo:NAME (e.g. zoo:resnet50) or package.module:function returning a ModelSpec")
+        q.add_argument("--weights", help="safetensors file (default: the model's seed-0 weights, made once and cached)")
+
+    q = sub.add_parser("run", help="stream a model and print its report")
+    model_args(q)
+    q.add_argument("--budget", default="10%", help="weight memory: bytes, '512MB', '1.5GiB' or '10%%' (default 10%%)")
+    q.add_argument("--repeat", type=int, default=3, help="calls to run (default 3)")
+    q.add_argument("--max-unit", type=lambda s: __import__("layerstream").parse_bytes(s), default=None,
+                   help="largest load unit (default: an eighth of the budget)")
+    q.add_argument("--reader", choices=["auto", "direct", "buffered"], default="auto")
+    q.add_argument("--trace", help="write a Chrome trace (Perfetto) of the calls to this file")
+    q.add_argument("--check", action="store_true", help="also run the eager model and compare outputs")
+    q.set_defaults(fn=cmd_run)
+
+    q = sub.add_parser("bench", help="eager and streamed side by side, each in a fresh process")
+    model_args(q)
+    q.add_argument("--budget", action="append", help="repeatable (default: 10%% and 25%%)")
+    q.add_argument("--repeat", type=int, default=5, help="warm calls per configuration (default 5)")
+    q.add_argument("--json", help="write the results as JSON to this file")
+    q.set_defaults(fn=cmd_bench)
+
+    q = sub.add_parser("demo", help="stream a zoo model at 10%% of its weights beside the eager model")
+    q.add_argument("--model", default="zoo:resnet50")
+    q.add_argument("--weights", default=None)
+    q.add_argument("--budget", default="10%")
+    q.add_argument("--repeat", type=int, default=5)
+    q.set_defaults(fn=cmd_demo)
+
+    a = p.parse_args(argv)
+    try:
+        return a.fn(a)
+    except (LayerstreamError, ValueError, FileNotFoundError) as e:
+        print(f"layerstream {a.cmd}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
