@@ -72,8 +72,13 @@ class Executor:
         self.holders: dict[str, torch.Tensor] = {}
         self.bound_by: dict[str, Load] = {}  # tensor name -> the ring load its holder points into
         self.resident_views: dict[str, torch.Tensor] = {}
-        self._views: dict[tuple[int, int], list[tuple[str, torch.Tensor]]] = {}
         self._load_resident()
+        # Every planned placement's views, made now rather than during a call: small long-lived objects
+        # allocated between a call's activations pin glibc's heap (measured: 24 MiB more RSS).
+        self._views = {(u, plan.ring_offset + off): self._make_views(u, plan.ring_offset + off) for u, off in plan.loads}
+        for name in self.refs:
+            if name not in self.holders:
+                self._holder(name, self.cap.originals[name])
 
     # ---- hooks (compute thread) -------------------------------------------------------------
     def pre(self, path: str) -> None:
@@ -145,27 +150,29 @@ class Executor:
         self.live.remove(load)
         self.arena.drop(load.nbytes)
 
+    def _make_views(self, uid: int, addr: int) -> list[tuple[str, torch.Tensor]]:
+        return [(name, self._view(name, addr + off)) for name, off in self.layouts[uid].tensor_offsets
+                if name not in self.resident_views]
+
     def _bind(self, load: Load) -> None:
-        key = (load.uid, load.addr)
-        views = self._views.get(key)
-        if views is None:
-            views = [(name, self._view(name, load.addr + off)) for name, off in self.layouts[load.uid].tensor_offsets
-                     if name not in self.resident_views]
-            if load.planned:
-                self._views[key] = views  # planned placements repeat every call: build their views once
-        for name, view in views:
+        views = self._views.get((load.uid, load.addr)) if load.planned else None
+        for name, view in views if views is not None else self._make_views(load.uid, load.addr):
             self._set(name, view)
             self.bound_by[name] = load
 
-    def _set(self, name: str, view: torch.Tensor) -> None:
+    def _holder(self, name: str, like: torch.Tensor) -> torch.Tensor:
+        """The one object per tensor that the model's modules hold while it is bound; .data moves."""
         holder = self.holders.get(name)
         if holder is None:
-            first = self.cap.owners[name][0]
             # A new tensor object either way: assigning .data later must not retarget a cached view.
-            holder = nn.Parameter(view, requires_grad=False) if first.is_param else view.detach()
+            t = torch.empty(0, dtype=like.dtype)
+            holder = nn.Parameter(t, requires_grad=False) if self.cap.owners[name][0].is_param else t
             self.holders[name] = holder
-        else:
-            holder.data = view
+        return holder
+
+    def _set(self, name: str, view: torch.Tensor) -> None:
+        holder = self._holder(name, view)
+        holder.data = view
         for o in self.cap.owners[name]:
             (o.module._parameters if o.is_param else o.module._buffers)[o.attr] = holder
 
