@@ -42,7 +42,7 @@ def disk_read_bps(path: str | os.PathLike, mode: str = "auto", io: str = "auto",
     evict_page_cache(path)
     reader = open_reader(path, mode)
     backend = make_io(reader, Trace(enabled=False), io)
-    slots, chunk = 16, backend.chunk_bytes  # reads in flight: enough for the disk's ceiling either way
+    slots, chunk = 4, backend.chunk_bytes  # 4 reads in flight reach the ceiling; few MiB of memory
     arena = Arena(slots * chunk, slots * chunk)
     size = min(reader.size - reader.size % 4096, max_bytes)
     try:

@@ -13,12 +13,17 @@ from .capture import capture, fuse
 from .errors import ClosedError, ModelError
 from .format import read_index
 from .layout import unit_layout
+from .measure import disk_read_bps
 from .plan import Plan, plan_fill
+from .plan.cost import CostModel, costs_from_record
+from .plan.greedy import plan_greedy
+from .plan.simulate import Prediction, simulate
 from .runtime.arena import Arena
 from .runtime.executor import Executor
 from .runtime.io import DEFAULT_WORKERS, make_io, open_reader
 from .runtime.trace import Trace
 
+PROFILE_READ_BYTES = 256 * 2**20  # how much of the file to read to measure the reader's speed
 MIN_UNIT = 256 * 2**10
 MAX_UNIT = 64 * 2**20
 
@@ -61,6 +66,9 @@ class Report:
     units: int
     loads_per_call: int
     reader: str  # "direct/aio", "direct/threads" or "buffered/threads" (the filesystem refused O_DIRECT)
+    planner: str  # "fill" until a call has been timed, then "greedy" if its simulation was faster
+    predicted_ms: float | None  # the simulator's warm latency for the plan in use (after the second call)
+    read_bps: float | None  # the reader's speed on this file, measured for the cost model
     notes: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict:
@@ -79,6 +87,8 @@ class Report:
             ("demand misses", f"{self.demand_misses}"),
             ("units / loads per call", f"{self.units} / {self.loads_per_call}"),
             ("reader", self.reader),
+            ("plan (predicted)", f"{self.planner}" + (f" ({self.predicted_ms:.1f} ms at "
+                                 f"{self.read_bps / 1e9:.2f} GB/s)" if self.predicted_ms else "")),
         ]
         w = max(len(k) for k, _ in rows)
         return "\n".join([f"{k:<{w}}  {v}" for k, v in rows] + [f"note: {n}" for n in self.notes])
@@ -108,7 +118,10 @@ class StreamedModel(nn.Module):
         self.budget_bytes = parse_budget(budget, self.weight_bytes)
         self.max_unit = max_unit or default_max_unit(self.budget_bytes)
         self._set_capture(capture(model, self.index, self.max_unit))
-        self._replanned = plan is not None  # a plan the user passed is kept as it is
+        self._stage = "done" if plan is not None else "order"  # a plan the user passed is kept as it is
+        self._reader_mode = reader
+        self.costs: CostModel | None = None
+        self.prediction: Prediction | None = None
         plan = plan or plan_fill(self.cap.program, self.sizes, self.budget_bytes)
         self.trace = Trace(trace)
         self._latencies: list[float] = []
@@ -163,6 +176,7 @@ class StreamedModel(nn.Module):
         finally:
             ex.end_call()
         self._latencies.append((time.perf_counter() - t0) * 1e3)
+        self.trace.add(f"call {len(self._latencies)}", "call", ex.t_call[0], ex.t_call[1], "calls")
         self._bytes_last = ex.stats.bytes_read - read0
         self._stall_last = ex.stats.stall_ns - stall0
         _check_not_meta(out)
@@ -170,17 +184,41 @@ class StreamedModel(nn.Module):
         return out
 
     def _maybe_replan(self, ex: Executor) -> None:
-        """After the first call, plan again from the order the call really took, if it differs."""
-        if self._replanned:
+        """Plan again from what calls showed: the real order after the first, the costs after the second.
+
+        The first call runs the registration-order guess; units are merged along the order it really
+        took. The second call runs that program and is timed step by step; with the reader's speed on
+        this file that makes a cost model, and the greedy planner's plan replaces the fill plan if the
+        simulator predicts it is faster.
+        """
+        if self._stage == "done":
             return
-        self._replanned = True
-        cap = fuse(self.cap, ex.recorded, self.max_unit, self.index)
-        if cap.program != self.cap.program:
-            stats = ex.stats
-            self._stop()
-            self._set_capture(cap)
-            self._start(plan_fill(cap.program, self.sizes, self.budget_bytes))
-            self._exec.stats = stats
+        if self._stage == "order":
+            self._stage = "costs"
+            cap = fuse(self.cap, [p for p, _, _ in ex.recorded], self.max_unit, self.index)
+            if cap.program != self.cap.program:
+                self._restart(cap, lambda: plan_fill(cap.program, self.sizes, self.budget_bytes))
+            return
+        self._stage = "done"
+        bps, _ = disk_read_bps(self.path, self._reader_mode, self._io.kind, max_bytes=PROFILE_READ_BYTES)
+        costs = costs_from_record(self.cap.program, self.cap.root_units, ex.recorded, *ex.t_call, bps)
+        if costs is None:
+            return  # this call took another order (data-dependent control flow): keep the fill plan
+        self.costs = costs
+        now = simulate(self.cap.program, self.sizes, costs, self.plan)
+        plan, pred = plan_greedy(self.cap.program, self.sizes, costs, self.budget_bytes)
+        self.prediction = now
+        if pred.latency_s < now.latency_s * 0.98:
+            self.prediction = pred
+            self._restart(self.cap, lambda: plan)
+
+    def _restart(self, cap, make_plan) -> None:
+        """Free the arena, adopt `cap`, then plan (with `cap`'s slot sizes) and start again."""
+        stats = self._exec.stats
+        self._stop()
+        self._set_capture(cap)
+        self._start(make_plan())
+        self._exec.stats = stats
 
     def report(self) -> Report:
         ex = self._exec
@@ -197,7 +235,9 @@ class StreamedModel(nn.Module):
             ring_bytes=self.plan.ring_bytes, bytes_read=ex.stats.bytes_read, bytes_read_last_call=self._bytes_last,
             stall_ms=self._stall_last / 1e6, demand_misses=ex.stats.demand_misses,
             units=len(self.cap.program.units), loads_per_call=len(self.plan.loads),
-            reader=f"{self._reader.mode}/{self._io.kind}", notes=notes)
+            reader=f"{self._reader.mode}/{self._io.kind}", planner=self.plan.planner,
+            predicted_ms=self.prediction.latency_s * 1e3 if self.prediction else None,
+            read_bps=self.costs.read_bps if self.costs else None, notes=notes)
 
     def close(self) -> None:
         """Stop reads, remove hooks, give the model back its meta tensors, close the file, free the arena."""

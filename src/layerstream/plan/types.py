@@ -5,7 +5,11 @@ import json
 from dataclasses import asdict, dataclass
 
 from ..budget import fmt_bytes
-from ..errors import BudgetError
+from ..errors import BudgetError, LayerstreamError
+
+
+class PlanError(LayerstreamError, ValueError):
+    """A plan that does not fit the program it is given to (another file, another unit cut)."""
 from ..units import Program
 
 
@@ -33,6 +37,21 @@ class Plan:
     @property
     def resident_ids(self) -> frozenset[int]:
         return frozenset(u for u, _ in self.resident)
+
+    def validate(self, sizes: dict[int, int]) -> None:
+        """Raise PlanError unless every resident unit and every load lies inside the arena, apart."""
+        spans = sorted((off, off + sizes[u], u) for u, off in self.resident)
+        for (a0, a1, u), (b0, _, v) in zip(spans, spans[1:]):
+            if b0 < a1:
+                raise PlanError(f"plan places resident units {u} and {v} over each other")
+        if spans and spans[-1][1] > self.ring_offset:
+            raise PlanError(f"resident unit {spans[-1][2]} ends at {spans[-1][1]}, past the ring at {self.ring_offset}")
+        for u, off in self.loads:
+            if off < 0 or off + sizes[u] > self.ring_bytes:
+                raise PlanError(f"plan puts unit {u} ({sizes[u]} bytes) at ring offset {off}, past the "
+                                f"{self.ring_bytes}-byte ring; the plan was made for another file or unit cut")
+        if self.arena_bytes > self.budget_bytes:
+            raise PlanError(f"plan's arena of {self.arena_bytes} bytes exceeds its budget of {self.budget_bytes}")
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

@@ -56,6 +56,7 @@ class Executor:
         self.io, self.trace = io, trace
         self.units = cap.program.units
         self.sizes = {u: lay.slot_nbytes for u, lay in layouts.items()}
+        plan.validate(self.sizes)
         self.closer = {u.uid: u.roots[-1] for u in self.units}
         self.loads = plan.loads
         self.n = len(plan.loads)
@@ -67,7 +68,8 @@ class Executor:
         self.live: list[Load] = []  # loads holding ring bytes
         self.bound: dict[int, Load] = {}  # unit id -> ring load bound to its tensors
         self.active: dict[str, int] = {}  # root path -> how many of its forwards are running
-        self.recorded: list[str] = []  # root paths in the order their forwards started this call
+        self.recorded: list[tuple[str, int, int]] = []  # (root path, hook start, weights ready) this call
+        self.t_call = (0, 0)  # this call's start and end, ns
         self.t_open: dict[str, int] = {}
         self.holders: dict[str, torch.Tensor] = {}
         self.bound_by: dict[str, Load] = {}  # tensor name -> the ring load its holder points into
@@ -82,12 +84,13 @@ class Executor:
 
     # ---- hooks (compute thread) -------------------------------------------------------------
     def pre(self, path: str) -> None:
+        t0 = Trace.now()
         self.active[path] = self.active.get(path, 0) + 1
-        self.recorded.append(path)
         for uid in self.cap.root_units[path]:
             if uid not in self.resident and uid not in self.bound:
                 self._acquire(uid)
-        self.t_open[path] = Trace.now()
+        t1 = self.t_open[path] = Trace.now()
+        self.recorded.append((path, t0, t1))
 
     def post(self, path: str) -> None:
         t1 = Trace.now()
@@ -102,6 +105,7 @@ class Executor:
             self._pump()
 
     def begin_call(self) -> None:
+        self.t_call = (Trace.now(), 0)
         self.recorded = []
         self.active.clear()
         if self.n and self.consume_idx % self.n:  # last call ended mid-cycle: realign to a call start
@@ -110,6 +114,7 @@ class Executor:
         self._pump()
 
     def end_call(self) -> None:
+        self.t_call = (self.t_call[0], Trace.now())
         for load in list(self.bound.values()):
             self._release(load)
         self.bound.clear()

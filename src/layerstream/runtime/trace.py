@@ -1,20 +1,24 @@
 """Timestamped events of every read, compute step and wait, exportable as Chrome-trace JSON (Perfetto).
 
-Appending a tuple to a list is atomic under the GIL, so reader threads and the compute thread record
-without a lock; the cost per event is a tuple and a clock read.
+Appending to a deque is atomic under the GIL, so reader threads and the compute thread record without
+a lock; the cost per event is a tuple and a clock read. The deque is bounded, so a model serving calls
+for hours keeps only its most recent events instead of growing without end.
 """
 from __future__ import annotations
 
 import json
 import threading
 import time
+from collections import deque
+
+MAX_EVENTS = 200_000  # about 20 MB of tuples at most; enough for many calls of a large model
 
 
 class Trace:
-    def __init__(self, enabled: bool = True):
+    def __init__(self, enabled: bool = True, max_events: int = MAX_EVENTS):
         self.enabled = enabled
         self.t0_ns = time.perf_counter_ns()
-        self.events: list[tuple[str, str, int, int, str]] = []  # (name, category, start ns, end ns, lane)
+        self.events: deque[tuple[str, str, int, int, str]] = deque(maxlen=max_events)  # (name, cat, start, end, lane)
 
     @staticmethod
     def now() -> int:

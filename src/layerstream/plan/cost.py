@@ -1,0 +1,56 @@
+"""The cost model: how long each step computes and how fast the file reads (pure data).
+
+Compute times come from a real call: the executor records when each root's pre-forward hook started
+and when its weights were ready. A step's compute is the time from its weights being ready to the
+next step starting, so waits for reads are never counted as compute. Read cost is latency plus bytes
+over bandwidth, measured on the same file with the same reader.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+
+from ..units import Program
+
+
+@dataclass(frozen=True)
+class CostModel:
+    compute_s: tuple[float, ...]  # per step of the program: compute after its weights are ready
+    pre_s: float  # compute in a call before its first step
+    read_bps: float  # bytes per second of the reader on this file
+    read_lat_s: float = 1e-4  # fixed cost per load
+
+    def read_s(self, nbytes: int) -> float:
+        return self.read_lat_s + nbytes / self.read_bps
+
+    @property
+    def compute_total_s(self) -> float:
+        return self.pre_s + sum(self.compute_s)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> "CostModel":
+        d = json.loads(text)
+        return cls(tuple(d["compute_s"]), d["pre_s"], d["read_bps"], d["read_lat_s"])
+
+
+def costs_from_record(program: Program, root_units: dict[str, list[int]],
+                      record: list[tuple[str, int, int]], t_start_ns: int, t_end_ns: int,
+                      read_bps: float) -> CostModel | None:
+    """Per-step compute times of one recorded call of `program`, or None if the call took another order.
+
+    `record` holds (root path, pre-hook start ns, weights-ready ns) for each root forward, in order.
+    """
+    opens: list[tuple[int, int, int]] = []  # (unit id, start ns, ready ns), one per step
+    for path, t0, t1 in record:
+        for uid in root_units.get(path, ()):
+            if not opens or opens[-1][0] != uid:
+                opens.append((uid, t0, t1))
+    if tuple(u for u, _, _ in opens) != program.steps:
+        return None
+    ends = [t0 for _, t0, _ in opens[1:]] + [t_end_ns]
+    compute = tuple(max(0, end - ready) / 1e9 for (_, _, ready), end in zip(opens, ends))
+    pre = (opens[0][1] - t_start_ns) / 1e9 if opens else (t_end_ns - t_start_ns) / 1e9
+    return CostModel(compute, max(0.0, pre), read_bps)
