@@ -50,7 +50,7 @@ def worker(cfg: dict) -> dict:
     if cfg["system"] == "eager":
         run = load_eager(model, cfg["weights"])
     else:
-        run = stream(model, cfg["weights"], budget=cfg["budget"])
+        run = stream(model, cfg["weights"], budget=cfg["budget"], io=cfg.get("io", "auto"))
     lat, first_misses = [], 0
     warmup = 1 if cfg["system"] == "eager" else 2  # streamed: call 1 learns the order, call 2 the costs
     with torch.no_grad():
@@ -91,17 +91,18 @@ def _equal(a: str, b: str) -> bool:
     return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
 
 
-def bench(model: str, weights: str, budgets: list[str], repeat: int = 5, log=print) -> dict:
+def bench(model: str, weights: str, budgets: list[str], repeat: int = 5, log=print, io: str = "auto") -> dict:
     """Eager, then layerstream at each budget; returns the JSON-ready result (see README)."""
     runs, disk = [], []
     with tempfile.TemporaryDirectory(prefix="layerstream-bench-") as tmp:
-        cfgs = [{"system": "eager"}] + [{"system": "layerstream", "budget": b} for b in budgets]
+        ios = ["aio", "threads"] if io == "both" else [io]
+        cfgs = [{"system": "eager"}] + [{"system": "layerstream", "budget": b, "io": i} for b in budgets for i in ios]
         for i, cfg in enumerate(cfgs):
             cfg.update(model=model, weights=str(weights), repeat=repeat, out=os.path.join(tmp, f"out{i}.safetensors"))
-            label = cfg["system"] + (f" at {cfg['budget']}" if "budget" in cfg else "")
+            label = cfg["system"] + (f" at {cfg['budget']} ({cfg['io']} I/O)" if "budget" in cfg else "")
             bps = None
             if cfg["system"] == "layerstream":
-                bps, _ = disk_read_bps(weights)
+                bps, _ = disk_read_bps(weights, io="threads" if cfg["io"] == "threads" else "auto")
                 disk.append(bps)
                 log(f"[{i + 1}/{len(cfgs)}] disk {bps / 1e9:.2f} GB/s; {label} ...")
             else:

@@ -48,7 +48,8 @@ def cmd_bench(a) -> int:
 
     spec = resolve(a.model)
     weights = weights_for(a.model, spec, a.weights)
-    result = bench(a.model, str(weights), a.budget or ["10%", "25%"], repeat=a.repeat, log=_log)
+    result = bench(a.model, str(weights), a.budget or ["10%", "25%"], repeat=a.repeat, log=_log,
+                   io=getattr(a, "io", "auto"))
     print(f"\n{a.model}: {spec.description}; weights {result['weight_bytes'] / 1e6:.0f} MB, "
           f"disk {result['disk_read_bps'] / 1e9:.2f} GB/s (O_DIRECT, measured before each streamed run)\n")
     print(table(result))
@@ -91,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--budget", action="append", help="repeatable (default: 10%% and 25%%)")
     q.add_argument("--repeat", type=int, default=5, help="warm calls per configuration (default 5)")
     q.add_argument("--json", help="write the results as JSON to this file")
+    q.add_argument("--io", choices=["auto", "aio", "threads", "both"], default="auto",
+                   help="I/O backend for the streamed runs; 'both' runs each budget with each")
     q.set_defaults(fn=cmd_bench)
 
     q = sub.add_parser("demo", help="stream a zoo model at 10%% of its weights beside the eager model")
