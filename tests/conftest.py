@@ -9,20 +9,13 @@ import torch
 
 import layerstream as ls
 from layerstream import zoo
+from layerstream.outputs import tensors_of
 from layerstream.stream import model_weight_bytes
 
 TINY = ["tiny-resnet", "tiny-vit", "tiny-bert", "tiny-gpt2", "tiny-t5", "tiny-llama", "twice"]
 
 
-def flat(out) -> list[torch.Tensor]:
-    """Every tensor of a forward result, in a fixed order."""
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if hasattr(out, "to_tuple"):
-        out = out.to_tuple()
-    if isinstance(out, dict):
-        out = list(out.values())
-    return [t for x in out for t in flat(x)] if isinstance(out, (list, tuple)) else []
+flat = tensors_of
 
 
 class Saved:

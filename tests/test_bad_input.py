@@ -122,6 +122,14 @@ def test_one_byte_below_minimum_names_minimum_and_unit(saved, name):
 
 # ---- weight files that do not match the model -----------------------------------------------------
 
+def _mismatch(model, path) -> str:
+    """stream() refuses with WeightMismatch, leaving nothing open and the model on meta; the message."""
+    with nothing_left_open(), pytest.raises(ls.WeightMismatch) as e:
+        ls.stream(model, path, budget="50%", max_unit=SMALL_UNIT)
+    assert_still_meta(model)
+    return str(e.value)
+
+
 def test_file_missing_tensors(saved, tmp_path):
     s = saved("tiny-gpt2")
     tensors = load_file(s.path)
@@ -130,11 +138,7 @@ def test_file_missing_tensors(saved, tmp_path):
         del tensors[n]
     path = str(tmp_path / "missing.safetensors")
     save_file(tensors, path)
-    model = s.model()
-    with nothing_left_open(), pytest.raises(ls.WeightMismatch) as e:
-        ls.stream(model, path, budget="50%", max_unit=SMALL_UNIT)
-    assert_still_meta(model)
-    msg = str(e.value)
+    msg = _mismatch(s.model(), path)
     assert path in msg
     assert "2 model tensor(s) missing from the file" in msg
     assert all(n in msg for n in gone)
@@ -149,10 +153,7 @@ def test_file_with_other_shapes(saved):
         model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
             vocab_size=512, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0))
     n_tensors = len({id(p) for p in model.parameters()})
-    with nothing_left_open(), pytest.raises(ls.WeightMismatch) as e:
-        ls.stream(model, s.path, budget="50%", max_unit=SMALL_UNIT)
-    assert_still_meta(model)
-    msg = str(e.value)
+    msg = _mismatch(model, s.path)
     assert f"{n_tensors} tensor(s) with a different dtype or shape" in msg
     assert "transformer.wpe.weight: model F32[64, 32], file F32[64, 64]" in msg
     assert "transformer.h.0.attn.c_attn.weight: model F32[32, 96], file F32[64, 192]" in msg
@@ -165,11 +166,7 @@ def test_file_with_other_dtype(saved, tmp_path):
     tensors = {k: v.half() for k, v in load_file(s.path).items()}
     path = str(tmp_path / "half.safetensors")
     save_file(tensors, path)
-    model = s.model()
-    with nothing_left_open(), pytest.raises(ls.WeightMismatch) as e:
-        ls.stream(model, path, budget="50%", max_unit=SMALL_UNIT)
-    assert_still_meta(model)
-    msg = str(e.value)
+    msg = _mismatch(s.model(), path)
     assert f"{len(tensors)} tensor(s) with a different dtype or shape" in msg
     for name, t in tensors.items():
         assert f"{name}: model F32{list(t.shape)}, file F16{list(t.shape)}" in msg

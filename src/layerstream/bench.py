@@ -17,18 +17,9 @@ import time
 
 import torch
 
-from .budget import fmt_bytes, parse_budget
+from .budget import fmt_bytes
 from .measure import disk_read_bps, peak_rss_bytes
-
-
-def _flat(out) -> list[torch.Tensor]:
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if hasattr(out, "to_tuple"):
-        out = out.to_tuple()
-    if isinstance(out, dict):
-        out = list(out.values())
-    return [t for x in out for t in _flat(x)] if isinstance(out, (list, tuple)) else []
+from .outputs import tensors_of
 
 
 def worker(cfg: dict) -> dict:
@@ -60,7 +51,7 @@ def worker(cfg: dict) -> dict:
             lat.append((time.perf_counter() - t) * 1e3)
             if i == warmup - 1 and cfg["system"] != "eager":
                 first_misses = run.report().demand_misses
-    save_file({f"o{i}": t.contiguous() for i, t in enumerate(_flat(out))}, cfg["out"])
+    save_file({f"o{i}": t.contiguous() for i, t in enumerate(tensors_of(out))}, cfg["out"])
     if cfg["system"] == "eager":
         res.update(budget_bytes=weight_bytes, arena_peak_bytes=weight_bytes, bytes_read=0, demand_misses=0)
     else:
@@ -123,7 +114,7 @@ def table(result: dict) -> str:
     """A markdown table of a bench result, eager first."""
     eager = result["runs"][0]
     head = ("| system | budget | latency ms | bound ms | latency / bound | peak RSS | RSS saved / (weights − budget) "
-            "| weight memory | read per call | outputs equal | demand misses |")
+            "| weight memory | read per call | outputs equal | warm demand misses |")
     rows = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in result["runs"]:
         saved = eager["peak_rss_bytes"] - r["peak_rss_bytes"]
@@ -133,7 +124,7 @@ def table(result: dict) -> str:
         rows.append(f"| {r['system']} | {budget} | {r['latency_ms']:.1f} | {r['bound_ms']:.1f} | "
                     f"{r['latency_ms'] / r['bound_ms']:.2f} | {fmt_bytes(r['peak_rss_bytes'])} | {share} | "
                     f"{fmt_bytes(r['arena_peak_bytes'])} | {fmt_bytes(r['bytes_read'])} | "
-                    f"{'yes' if r['outputs_equal'] else 'NO'} | {r['demand_misses']} |")
+                    f"{'yes' if r['outputs_equal'] else 'NO'} | {r.get('warm_demand_misses', r['demand_misses'])} |")
     return "\n".join(rows)
 
 

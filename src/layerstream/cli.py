@@ -32,11 +32,11 @@ def cmd_run(a) -> int:
             sm.trace.save_chrome(a.trace)
             _log(f"trace written to {a.trace} (open it in https://ui.perfetto.dev)")
     if a.check:
-        from .bench import _flat
         from .eager import load_eager
+        from .outputs import tensors_of
         with torch.no_grad():
             ref = load_eager(build_empty(spec.build), weights)(*inputs)
-        equal = all(torch.equal(x, y) for x, y in zip(_flat(out), _flat(ref)))
+        equal = all(torch.equal(x, y) for x, y in zip(tensors_of(out), tensors_of(ref)))
         print(f"outputs equal to eager: {'yes' if equal else 'NO'}")
         return 0 if equal else 1
     return 0

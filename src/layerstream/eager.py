@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 
-import torch
 from safetensors import safe_open
 from torch import nn
 

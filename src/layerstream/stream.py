@@ -14,6 +14,7 @@ from .errors import ClosedError, ModelError
 from .format import read_index
 from .layout import unit_layout
 from .measure import disk_read_bps
+from .outputs import tensors_of
 from .plan import Plan, plan_fill
 from .plan.cost import CostModel, costs_from_record
 from .plan.greedy import plan_greedy
@@ -266,22 +267,12 @@ class StreamedModel(nn.Module):
 
 
 def _check_not_meta(out) -> None:
-    """A meta tensor in the output means a weight was used outside its module's forward."""
-    stack = [out]
-    while stack:
-        x = stack.pop()
-        if isinstance(x, torch.Tensor):
-            if x.is_meta:
-                raise ModelError(
-                    "the output is on the meta device: the model used a weight outside the forward of the "
-                    "module that owns it (e.g. a parent reading child.weight directly), so it was not loaded; "
-                    "pass a larger max_unit so that parent and child form one unit")
-        elif isinstance(x, (list, tuple)):
-            stack.extend(x)
-        elif isinstance(x, dict):
-            stack.extend(x.values())
-        elif hasattr(x, "to_tuple"):
-            stack.extend(x.to_tuple())
+    """A meta tensor in the output means a weight was used outside the forward of the module owning it."""
+    if any(t.is_meta for t in tensors_of(out)):
+        raise ModelError(
+            "the output is on the meta device: the model used a weight outside the forward of the "
+            "module that owns it (e.g. a parent reading child.weight directly), so it was not loaded; "
+            "pass a larger max_unit so that parent and child form one unit")
 
 
 def stream(model: nn.Module, path: str | os.PathLike, budget="10%", device="cpu", **kwargs) -> StreamedModel:
