@@ -21,8 +21,9 @@ def cmd_run(a) -> int:
 
     spec = resolve(a.model)
     weights = weights_for(a.model, spec, a.weights)
-    inputs = spec.example_inputs()
-    with stream(build_empty(spec.build), weights, budget=a.budget, max_unit=a.max_unit, reader=a.reader) as sm:
+    inputs = tuple(x.to(a.device) for x in spec.example_inputs())
+    with stream(build_empty(spec.build), weights, budget=a.budget, max_unit=a.max_unit, reader=a.reader,
+                device=a.device) as sm:
         _log(sm.plan.summary(sm.cap.program, sm.sizes))
         for i in range(a.repeat):
             out = sm(*inputs)
@@ -35,8 +36,9 @@ def cmd_run(a) -> int:
         from .eager import load_eager
         from .outputs import tensors_of
         with torch.no_grad():
-            ref = load_eager(build_empty(spec.build), weights)(*inputs)
-        equal = all(torch.equal(x, y) for x, y in zip(tensors_of(out), tensors_of(ref)))
+            ref = load_eager(build_empty(spec.build), weights).to(a.device)(*inputs)
+        same = torch.equal if a.device == "cpu" else (lambda p, q: torch.allclose(p, q, rtol=1e-5, atol=1e-5))
+        equal = all(same(x, y) for x, y in zip(tensors_of(out), tensors_of(ref)))
         print(f"outputs equal to eager: {'yes' if equal else 'NO'}")
         return 0 if equal else 1
     return 0
@@ -49,7 +51,7 @@ def cmd_bench(a) -> int:
     spec = resolve(a.model)
     weights = weights_for(a.model, spec, a.weights)
     result = bench(a.model, str(weights), a.budget or ["10%", "25%"], repeat=a.repeat, log=_log,
-                   io=getattr(a, "io", "auto"))
+                   io=getattr(a, "io", "auto"), device=getattr(a, "device", "cpu"))
     print(f"\n{a.model}: {spec.description}; weights {result['weight_bytes'] / 1e6:.0f} MB, "
           f"disk {result['disk_read_bps'] / 1e9:.2f} GB/s (O_DIRECT, measured before each streamed run)\n")
     print(table(result))
@@ -84,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="largest load unit (default: an eighth of the budget)")
     q.add_argument("--reader", choices=["auto", "direct", "buffered"], default="auto")
     q.add_argument("--trace", help="write a Chrome trace (Perfetto) of the calls to this file")
+    q.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
     q.add_argument("--check", action="store_true", help="also run the eager model and compare outputs")
     q.set_defaults(fn=cmd_run)
 
@@ -94,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--json", help="write the results as JSON to this file")
     q.add_argument("--io", choices=["auto", "aio", "threads", "both"], default="auto",
                    help="I/O backend for the streamed runs; 'both' runs each budget with each")
+    q.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
     q.set_defaults(fn=cmd_bench)
 
     q = sub.add_parser("demo", help="stream a zoo model at 10%% of its weights beside the eager model")

@@ -107,9 +107,12 @@ class StreamedModel(nn.Module):
                  plan: Plan | None = None, max_unit: int | None = None, reader: str = "auto",
                  io: str = "auto", workers: int = DEFAULT_WORKERS, trace: bool = True):
         super().__init__()
-        if torch.device(device).type != "cpu":
-            raise NotImplementedError(f"device {device!r}: only 'cpu' streaming is implemented so far")
-        self._exec = self._arena = self._io = self._reader = None
+        self.device = torch.device(device)
+        if self.device.type not in ("cpu", "cuda"):
+            raise ValueError(f"device {device!r}: layerstream streams to 'cpu' or 'cuda' devices")
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {device!r}: torch sees no CUDA device here; use device='cpu'")
+        self._exec = self._arena = self._io = self._reader = self._stage = None
         self._hooks = []
         self.model = model
         self.path = os.fspath(path)
@@ -119,7 +122,7 @@ class StreamedModel(nn.Module):
         self.budget_bytes = parse_budget(budget, self.weight_bytes)
         self.max_unit = max_unit or default_max_unit(self.budget_bytes)
         self._set_capture(capture(model, self.index, self.max_unit))
-        self._stage = "done" if plan is not None else "order"  # a plan the user passed is kept as it is
+        self._learning = "done" if plan is not None else "order"  # a plan the user passed is kept as it is
         self._reader_mode = reader
         self.costs: CostModel | None = None
         self.prediction: Prediction | None = None
@@ -129,6 +132,7 @@ class StreamedModel(nn.Module):
         self._bytes_last = 0
         self._stall_last = 0
         try:
+            _move_real_buffers(model, self.device)
             self._reader = open_reader(self.path, reader)
             self._io = make_io(self._reader, self.trace, io, workers)
             self._start(plan)
@@ -153,13 +157,20 @@ class StreamedModel(nn.Module):
 
     def _start(self, plan: Plan) -> None:
         self.plan = plan
-        self._arena = Arena(plan.arena_bytes, self.budget_bytes)
-        self._exec = Executor(self.cap, self.layouts, plan, self._arena, self._io, self.trace)
+        self._arena = Arena(plan.arena_bytes, self.budget_bytes, self.device)
+        if self.device.type == "cuda":
+            from .runtime.device import CudaStage
+            host = max([plan.ring_bytes] + [self.sizes[u] for u, _ in plan.resident] + [4096])
+            self._stage = CudaStage(self.device, host)
+        self._exec = Executor(self.cap, self.layouts, plan, self._arena, self._io, self.trace, self._stage)
 
     def _stop(self) -> None:
         if self._exec is not None:
             self._exec.close()
             self._exec = None
+        if self._stage is not None:
+            self._stage.close()
+            self._stage = None
         if self._arena is not None:
             self._arena.close()
             self._arena = None
@@ -174,6 +185,8 @@ class StreamedModel(nn.Module):
         try:
             with torch.no_grad():
                 out = self.model(*args, **kwargs)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)  # the call ends when its output is computed
         finally:
             ex.end_call()
         self._latencies.append((time.perf_counter() - t0) * 1e3)
@@ -192,15 +205,15 @@ class StreamedModel(nn.Module):
         this file that makes a cost model, and the greedy planner's plan replaces the fill plan if the
         simulator predicts it is faster.
         """
-        if self._stage == "done":
+        if self._learning == "done":
             return
-        if self._stage == "order":
-            self._stage = "costs"
+        if self._learning == "order":
+            self._learning = "costs"
             cap = fuse(self.cap, [p for p, _, _ in ex.recorded], self.max_unit, self.index)
             if cap.program != self.cap.program:
                 self._restart(cap, lambda: plan_fill(cap.program, self.sizes, self.budget_bytes))
             return
-        self._stage = "done"
+        self._learning = "done"
         bps, _ = disk_read_bps(self.path, self._reader_mode, self._io.kind, max_bytes=PROFILE_READ_BYTES)
         costs = costs_from_record(self.cap.program, self.cap.root_units, ex.recorded, *ex.t_call, bps)
         if costs is None:
@@ -264,6 +277,14 @@ class StreamedModel(nn.Module):
             self.close()
         except Exception:
             pass
+
+
+def _move_real_buffers(model: nn.Module, device: torch.device) -> None:
+    """Non-persistent buffers (no file holds them) were built real on the CPU: move them to `device`."""
+    for mod in model.modules():
+        for name, b in mod._buffers.items():
+            if b is not None and not b.is_meta and b.device != device:
+                mod._buffers[name] = b.to(device)
 
 
 def _check_not_meta(out) -> None:

@@ -18,19 +18,23 @@ PAGE = 4096
 
 
 class Arena:
-    def __init__(self, nbytes: int, budget: int):
+    def __init__(self, nbytes: int, budget: int, device: torch.device | str = "cpu"):
         if nbytes > budget:
             raise BudgetError(f"arena of {nbytes} bytes exceeds the budget of {budget} bytes")
         self.nbytes, self.budget = nbytes, budget
+        self._lock = threading.Lock()
+        self.live_bytes = 0
+        self.peak_bytes = 0
+        if torch.device(device).type == "cuda":  # read into pinned host memory first (see device.py)
+            self._map, self.mem = None, None
+            self.buf = torch.empty(max(nbytes, 1), dtype=torch.uint8, device=device)[:nbytes]
+            return
         # Its own anonymous mapping, not torch's allocator: page-aligned for O_DIRECT, and unmapped
         # when the last view dies. Through glibc, freeing one arena raises malloc's mmap threshold, so a
         # re-planned arena would come from the brk heap beside activations and never be given back.
         self._map = mmap.mmap(-1, max(nbytes, PAGE))
         self.buf = torch.frombuffer(self._map, dtype=torch.uint8)[:nbytes]
         self.mem = memoryview(self._map)[:nbytes]
-        self._lock = threading.Lock()
-        self.live_bytes = 0
-        self.peak_bytes = 0
 
     def view(self, off: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
         """A typed tensor over arena bytes starting at `off` (no copy)."""
@@ -53,5 +57,6 @@ class Arena:
 
     def close(self) -> None:
         """Drop our references; the mapping goes when no view of it is left (never under a live view)."""
-        self.mem.release()
+        if self.mem is not None:
+            self.mem.release()
         self.buf = self.mem = self._map = None

@@ -31,10 +31,12 @@ from .trace import Trace
 class Load:
     """One read of a unit into arena bytes [addr, addr + nbytes); `off` is ring-relative (None if resident)."""
 
-    __slots__ = ("uid", "off", "addr", "nbytes", "planned", "pending", "done", "error")
+    __slots__ = ("uid", "off", "addr", "nbytes", "planned", "pending", "done", "error", "host_off", "copied")
 
     def __init__(self, uid: int, off: int | None, addr: int, nbytes: int, planned: bool = False):
         self.uid, self.off, self.addr, self.nbytes, self.planned = uid, off, addr, nbytes, planned
+        self.host_off = off if off is not None else 0  # where a staged (CUDA) read lands in pinned memory
+        self.copied = None  # CUDA: the event of its host-to-device copy
         self.pending = 0
         self.done = threading.Event()
         self.error: BaseException | None = None
@@ -51,9 +53,10 @@ class Stats:
 
 class Executor:
     def __init__(self, cap: Captured, layouts: dict[int, UnitLayout], plan: Plan, arena: Arena,
-                 io: IOBackend, trace: Trace):
+                 io: IOBackend, trace: Trace, stage=None):
         self.cap, self.layouts, self.plan, self.arena = cap, layouts, plan, arena
         self.io, self.trace = io, trace
+        self.stage = stage  # CudaStage on a CUDA device: reads land in pinned memory, then get copied
         self.units = cap.program.units
         self.sizes = {u: lay.slot_nbytes for u, lay in layouts.items()}
         plan.validate(self.sizes)
@@ -86,6 +89,8 @@ class Executor:
     def pre(self, path: str) -> None:
         t0 = Trace.now()
         self.active[path] = self.active.get(path, 0) + 1
+        if self.stage is not None:
+            self._copy_finished()
         for uid in self.cap.root_units[path]:
             if uid not in self.resident and uid not in self.bound:
                 self._acquire(uid)
@@ -146,6 +151,8 @@ class Executor:
         self.bound[uid] = load
 
     def _release(self, load: Load) -> None:
+        if self.stage is not None:
+            self.stage.released(load)
         for name, _ in self.layouts[load.uid].tensor_offsets:
             if self.bound_by.get(name) is not load:
                 continue  # resident, or re-bound since by another unit that shares it (tied weights)
@@ -204,17 +211,28 @@ class Executor:
     def _submit(self, load: Load) -> None:
         """Split the unit's extents into chunks and hand them to the I/O backend."""
         lay = self.layouts[load.uid]
+        target, base = self.arena, load.addr
+        if self.stage is not None:
+            target, base = self.stage.host, load.host_off
+            self.stage.before_read(base, load.nbytes)
         chunks, step = [], self.io.chunk_bytes
         for ext in lay.extents:
             for c in range(0, ext.nbytes, step):
                 n = min(step, ext.nbytes - c)
                 foff = ext.file_off + c
-                chunks.append((load.addr + ext.slot_off + c, foff, n, max(0, min(n, lay.data_end - foff))))
+                chunks.append((base + ext.slot_off + c, foff, n, max(0, min(n, lay.data_end - foff))))
         if load.off is not None:
             self.live.append(load)
         self.arena.hold(load.nbytes)
         self.stats.bytes_read += load.nbytes
-        self.io.submit(load, self.arena, chunks)
+        self.io.submit(load, target, chunks)
+
+    def _copy_finished(self) -> None:
+        """CUDA: start the copies of reads that have landed, in plan order, so copies overlap compute."""
+        self.io.progress()
+        for load in self.inflight.values():
+            if load.copied is None and load.done.is_set() and load.error is None:
+                self.stage.copy(load, self.arena, load.host_off)
 
     def _wait(self, load: Load) -> None:
         if not load.done.is_set():
@@ -227,6 +245,10 @@ class Executor:
             err = load.error
             name = self.units[load.uid].name
             raise ReadError(f"reading unit {load.uid} ({name}) failed: {err}") from err
+        if self.stage is not None:
+            if load.copied is None:
+                self.stage.copy(load, self.arena, load.host_off)
+            self.stage.ready(load)
 
     # ---- demand misses and dropped prefetches ---------------------------------------------------
     def _demand(self, uid: int) -> Load:
@@ -277,9 +299,12 @@ class Executor:
     # ---- resident units and shutdown ------------------------------------------------------------
     def _load_resident(self) -> None:
         loads = [Load(uid, None, addr, self.sizes[uid]) for uid, addr in self.plan.resident]
+        if self.stage is None:  # all at once; staged loads share the pinned buffer, so one by one
+            for load in loads:
+                self._submit(load)
         for load in loads:
-            self._submit(load)
-        for load in loads:
+            if self.stage is not None:
+                self._submit(load)
             self._wait(load)
             for name, off in self.layouts[load.uid].tensor_offsets:
                 if name not in self.resident_views:

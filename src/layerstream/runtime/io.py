@@ -138,6 +138,9 @@ class IOBackend:
     def poll(self) -> None:
         """Give queued reads to the device if it has room (cheap; called at hook time)."""
 
+    def progress(self) -> None:
+        """Notice finished reads without waiting, so their loads' `done` is set (CUDA copies them early)."""
+
     def close(self) -> None:
         """Wait for every read in flight, then free the backend's resources."""
 
@@ -217,6 +220,11 @@ class AioIO(IOBackend):
         for _ in range(n):
             key, cb, load, file_off, need = self.queued.popleft()
             self.inflight[key] = (cb, load, file_off, need, t0)
+
+    def progress(self) -> None:
+        if self.inflight:
+            self._reap(0)
+        self.poll()
 
     def _reap(self, min_nr: int) -> None:
         for key, res in self.ctx.reap(min_nr):
