@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -99,8 +100,9 @@ class StreamedModel(nn.Module):
     """Wraps a model whose weights are streamed from a safetensors file into a budgeted arena.
 
     Calls run under torch.no_grad(): streamed weights are views that the next load overwrites, so
-    nothing may keep them for a backward pass. Close it (or use `with`) to stop its reader threads,
-    close its file and free its arena.
+    nothing may keep them for a backward pass. Calls from several threads are served one at a time
+    (one arena, one schedule; compute on one device is serial anyway). Close it (or use `with`) to
+    stop its reads, close its file and free its arena.
     """
 
     def __init__(self, model: nn.Module, path: str | os.PathLike, budget="10%", device="cpu", *,
@@ -113,6 +115,7 @@ class StreamedModel(nn.Module):
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device {device!r}: torch sees no CUDA device here; use device='cpu'")
         self._exec = self._arena = self._io = self._reader = self._stage = None
+        self._call_lock = threading.RLock()
         self._hooks = []
         self.model = model
         self.path = os.fspath(path)
@@ -176,6 +179,10 @@ class StreamedModel(nn.Module):
             self._arena = None
 
     def forward(self, *args, **kwargs):
+        with self._call_lock:
+            return self._forward(args, kwargs)
+
+    def _forward(self, args, kwargs):
         if self._exec is None:
             raise ClosedError("this streamed model is closed; call layerstream.stream() again")
         ex = self._exec
@@ -255,6 +262,10 @@ class StreamedModel(nn.Module):
 
     def close(self) -> None:
         """Stop reads, remove hooks, give the model back its meta tensors, close the file, free the arena."""
+        with self._call_lock:  # never under a call in flight
+            self._close()
+
+    def _close(self) -> None:
         for h in self._hooks:
             h.remove()
         self._hooks = []

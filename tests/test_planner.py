@@ -1,0 +1,326 @@
+"""The cost-model planner: simulator goldens worked out by hand, greedy goldens, planner properties.
+
+Everything here is pure (no torch, no files): Programs, sizes and costs are made by hand or drawn by
+hypothesis. Times in the goldens are sums of binary fractions (0.25, 0.5, 1.5, ...), so the simulator's
+arithmetic is exact and the expected numbers are compared exactly.
+"""
+from __future__ import annotations
+
+import random
+import time
+
+import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+from layerstream.plan import Plan, min_budget, plan_fill
+from layerstream.plan.cost import CostModel, costs_from_record
+from layerstream.plan.greedy import plan_greedy
+from layerstream.plan.simulate import simulate
+from layerstream.units import Program, Unit
+
+P = 4096  # one page: slot sizes are whole pages, as unit_layout makes them
+
+
+def program(steps, n: int, pinned=()) -> Program:
+    """Units 0..n-1 (uid == index, as Program.units is indexed by uid), module "m{i}" each."""
+    units = tuple(Unit(i, f"u{i}", (f"m{i}",), (f"t{i}",), 0, i in pinned) for i in range(n))
+    return Program(units, tuple(steps), ())
+
+
+# ---- simulate: goldens -----------------------------------------------------------------------------
+
+def test_everything_resident_is_pure_compute():
+    # Unit 1 runs twice. Nothing streams: latency = pre + sum(compute) = 0.0625 + 0.125 + 0.25 + 0.5
+    # + 0.25 = 1.1875, no stall, and the arena holds exactly the 1 + 2 + 3 = 6 resident pages.
+    prog = program((0, 1, 2, 1), 3)
+    sizes = {0: P, 1: 2 * P, 2: 3 * P}
+    costs = CostModel((0.125, 0.25, 0.5, 0.25), 0.0625, read_bps=1e6)
+    plan = plan_fill(prog, sizes, 6 * P)
+    assert plan.loads == () and plan.ring_bytes == 0 and plan.resident_ids == {0, 1, 2}
+    for calls in (1, 3):  # no reads: a cold call is a warm one
+        pred = simulate(prog, sizes, costs, plan, calls=calls)
+        assert pred.latency_s == 1.1875 == costs.compute_total_s
+        assert pred.stall_s == 0 and pred.stalls_s == (0, 0, 0, 0)
+        assert pred.peak_bytes == 6 * P
+
+
+def test_one_streamed_unit_reads_during_the_previous_calls_tail():
+    # Steps: r0 (resident, 0.5 s), s (streamed, 10 pages, 1.0 s), r2 (resident, 0.5 s); pre 0.25 s.
+    # Reading s takes 0.5 s latency + 10 pages / (10 pages/s) = 1.5 s; the ring holds exactly s.
+    #   cold call 1 (t=0): s issued at 0, done 1.5; pre + r0 end at 0.75 -> stall 0.75;
+    #       s computes 1.5 -> 2.5 and is released (its bytes are free), r2 runs 2.5 -> 3.0.
+    #   call 2 (3.0): s was issued at 2.5, during call 1's tail (r2), done 4.0; pre + r0 end at
+    #       3.75 -> stall 0.25; s 4.0 -> 5.0 released; r2 -> 5.5. Latency 2.5.
+    #   call 3 (5.5): issued 5.0, done 6.5; needed at 6.25 -> stall 0.25; ends 8.0. Latency 2.5.
+    # Warm: 1.25 s of compute (r2 + pre + r0) hides 1.25 of the 1.5 s read. Had the next load waited
+    # for the call to start, the stall would be 0.75 and the latency 3.0, as in the cold call.
+    prog = program((0, 1, 2), 3)
+    sizes = {0: P, 1: 10 * P, 2: P}
+    costs = CostModel((0.5, 1.0, 0.5), 0.25, read_bps=10 * P, read_lat_s=0.5)
+    plan = Plan(12 * P, ((0, 0), (2, P)), 2 * P, 10 * P, ((1, 0),))
+    plan.validate(sizes)
+    warm = simulate(prog, sizes, costs, plan)  # calls=3: the third call is reported
+    assert warm.latency_s == 2.5
+    assert warm.stall_s == 0.25 and warm.stalls_s == (0, 0.25, 0)
+    assert warm.peak_bytes == 12 * P  # two resident pages + the one 10-page load
+    cold = simulate(prog, sizes, costs, plan, calls=1)
+    assert (cold.latency_s, cold.stall_s, cold.stalls_s) == (3.0, 0.75, (0, 0.75, 0))
+    assert simulate(prog, sizes, costs, plan, calls=2).latency_s == 2.5
+
+
+def test_loads_sharing_ring_bytes_wait_for_the_release():
+    # Two streamed 10-page units a, b in a 10-page ring (the minimum budget): both sit at offset 0.
+    # Each read takes 0.5 + 1.0 = 1.5 s, each compute 1.0 s, no pre.
+    #   call 1: a read 0 -> 1.5, computes -> 2.5, released; only then b issues: 2.5 -> 4.0, stall 1.5,
+    #       computes -> 5.0. Next call's a issues when b is released at 5.0, and so on:
+    #   every warm call: stall 1.5 + compute 1.0 per unit = 5.0 s, stall 3.0.
+    prog = program((0, 1), 2)
+    sizes = {0: 10 * P, 1: 10 * P}
+    costs = CostModel((1.0, 1.0), 0.0, read_bps=10 * P, read_lat_s=0.5)
+    plan = plan_fill(prog, sizes, 10 * P)
+    assert plan.ring_bytes == 10 * P and plan.loads == ((0, 0), (1, 0))
+    pred = simulate(prog, sizes, costs, plan)
+    assert pred.latency_s == 5.0
+    assert pred.stall_s == 3.0 and pred.stalls_s == (1.5, 1.5)
+    assert pred.peak_bytes == 10 * P  # never both at once
+    # With a 20-page ring b reads while a computes: the disk is the bottleneck, 2 x 1.5 = 3.0 s per
+    # warm call (each step waits 0.5: its read started when the previous read ended, 1.5 s before it
+    # is done, and only 1.0 s of compute ran since). Both are live at once: peak 20 pages.
+    wide = Plan(20 * P, (), 0, 20 * P, ((0, 0), (1, 10 * P)))
+    pred = simulate(prog, sizes, costs, wide)
+    assert pred.latency_s == 3.0 and pred.stalls_s == (0.5, 0.5)
+    assert pred.peak_bytes == 20 * P
+
+
+def test_reads_hidden_behind_compute_cost_nothing_when_warm():
+    # Two 1-page units in a 2-page ring; a read takes 1 page / (4 pages/s) = 0.25 s, compute 1.0 s each.
+    #   cold call: a read 0 -> 0.25 (stall 0.25), b read 0.25 -> 0.5 while a computes. Latency 2.25.
+    #   warm: a's next read issues when a is released (during b's 1.0 s), b's when b is released, and
+    #       0.25 s of it hides behind the next call's a. Stall exactly 0, latency == compute == 2.0.
+    prog = program((0, 1), 2)
+    sizes = {0: P, 1: P}
+    costs = CostModel((1.0, 1.0), 0.0, read_bps=4 * P, read_lat_s=0.0)
+    plan = Plan(2 * P, (), 0, 2 * P, ((0, 0), (1, P)))
+    warm = simulate(prog, sizes, costs, plan)
+    assert warm.stall_s == 0.0 and warm.stalls_s == (0.0, 0.0)
+    assert warm.latency_s == 2.0 == costs.compute_total_s
+    cold = simulate(prog, sizes, costs, plan, calls=1)
+    assert cold.latency_s == 2.25 and cold.stalls_s == (0.25, 0.0)
+
+
+# ---- plan_greedy: goldens --------------------------------------------------------------------------
+
+# Three sparse units (8 pages, 2.0 s of compute each: 4 pages/s) then two dense ones (16 pages, 0.5 s
+# each: 32 pages/s); the disk reads 16 pages/s (8 pages in 0.5 s, 16 in 1.0 s). 56 pages in all.
+SPARSE_DENSE = program((0, 1, 2, 3, 4), 5)
+SPARSE_DENSE_SIZES = {0: 8 * P, 1: 8 * P, 2: 8 * P, 3: 16 * P, 4: 16 * P}
+SPARSE_DENSE_COSTS = CostModel((2.0, 2.0, 2.0, 0.5, 0.5), 0.0, read_bps=16 * P, read_lat_s=0.0)
+
+
+def test_greedy_keeps_dense_units_resident_and_streams_sparse_ones():
+    # Budget 48 pages. Greedy's first ring is the largest unit, 16 pages; the 32 pages left hold the
+    # two dense units. The sparse ones stream through a 16-page ring at offsets 0, 8, 0: u2 reuses u0's
+    # bytes once u0 is released (end of its compute), 2.0 s before u2 is needed; each 0.5 s read hides
+    # behind the 2.0 s of compute before its use (the next call's u0 behind u3 + u4 = 1.0 s), so the
+    # warm call is pure compute: 3 x 2.0 + 2 x 0.5 = 7.0 s, which nothing can beat.
+    plan, pred = plan_greedy(SPARSE_DENSE, SPARSE_DENSE_SIZES, SPARSE_DENSE_COSTS, 48 * P)
+    assert plan.planner == "greedy"
+    assert plan.resident == ((3, 0), (4, 16 * P))
+    assert plan.ring_offset == 32 * P and plan.ring_bytes == 16 * P
+    assert plan.loads == ((0, 0), (1, 8 * P), (2, 0))
+    assert pred.latency_s == 7.0 and pred.stall_s == 0.0
+    assert pred.peak_bytes == 48 * P  # u0 and u1 live together beside the 32 resident pages
+    assert simulate(SPARSE_DENSE, SPARSE_DENSE_SIZES, SPARSE_DENSE_COSTS, plan) == pred
+    # The baseline keeps nothing resident (a dense unit plus its 40-page ring target overflows) and
+    # streams all five in a 48-page ring where u4 wraps onto u0, u1 (offset 0): the next call's u0
+    # waits for u4's release at the call's end, 0.5 s of stall -> 7.5 s.
+    fill = plan_fill(SPARSE_DENSE, SPARSE_DENSE_SIZES, 48 * P)
+    assert fill.resident == () and fill.loads[-1] == (4, 0)
+    slow = simulate(SPARSE_DENSE, SPARSE_DENSE_SIZES, SPARSE_DENSE_COSTS, fill)
+    assert slow.latency_s == 7.5 and slow.stalls_s == (0.5, 0, 0, 0, 0)
+
+
+def test_greedy_keeps_everything_resident_when_the_budget_holds_it():
+    # A budget of all 56 pages: the best plan streams nothing (latency 7.0 = compute). Greedy's ring
+    # candidates start at the largest unit, so on its own it always streamed something; it must still
+    # find the all-resident plan (here the disk-bound alternatives are slower: the 16-page ring plan
+    # at 56 pages keeps u3, u4 and u0 resident and streams u1, u2 at offsets 0, 8: also 7.0, so the
+    # first-found all-resident plan stays).
+    costs = CostModel((0.25, 0.25, 0.25, 0.25, 0.25), 0.0, read_bps=P, read_lat_s=0.0)  # a slow disk
+    plan, pred = plan_greedy(SPARSE_DENSE, SPARSE_DENSE_SIZES, costs, 56 * P)
+    assert plan.loads == () and plan.ring_bytes == 0 and plan.resident_ids == set(range(5))
+    assert pred.latency_s == 1.25 == costs.compute_total_s
+
+
+# ---- properties over random programs ---------------------------------------------------------------
+
+@st.composite
+def cases(draw, max_units: int = 40):
+    """(program, sizes, costs, budget): 5-40 units of whole pages, some run twice, some pinned."""
+    n = draw(st.integers(5, max_units))
+    sizes = {i: P * draw(st.integers(1, 32)) for i in range(n)}
+    pinned = {i for i in range(n) if draw(st.integers(0, 9)) == 0}
+    steps = list(draw(st.permutations(range(n))))
+    for u, pos in draw(st.lists(st.tuples(st.integers(0, n - 1), st.integers(0, n)), max_size=4)):
+        steps.insert(pos, u)  # modules called more than once, apart or not
+    compute = draw(st.lists(st.sampled_from([0.0, 1e-4, 5e-4, 2e-3]) | st.floats(0.0, 1e-2),
+                            min_size=len(steps), max_size=len(steps)))
+    costs = CostModel(tuple(compute), draw(st.floats(0.0, 5e-3)), draw(st.sampled_from([1e6, 1e7, 1e8, 1e9])),
+                      draw(st.sampled_from([0.0, 1e-4])))
+    prog = program(steps, n, pinned)
+    need, _ = min_budget(prog, sizes)
+    total = sum(sizes.values())
+    budget = need + draw(st.integers(0, 1000)) * (int(1.2 * total) - need) // 1000
+    return prog, sizes, costs, budget
+
+
+def _fast(n: int):
+    return settings(max_examples=n, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def _check_prediction(prog, sizes, costs, plan, pred):
+    assert pred.peak_bytes <= plan.arena_bytes
+    assert len(pred.stalls_s) == len(prog.steps) and all(s >= 0 for s in pred.stalls_s)
+    assert pred.stall_s == pytest.approx(sum(pred.stalls_s))
+    assert pred.latency_s >= costs.compute_total_s * (1 - 1e-12)
+    streamed = sum(sizes[u] for u, _ in plan.loads)  # bytes read per call
+    bound = max(costs.compute_total_s, streamed / costs.read_bps)
+    assert pred.latency_s >= bound * (1 - 1e-9), (pred.latency_s, bound)
+
+
+@_fast(150)
+@given(cases())
+def test_fill_and_greedy_plans_fit_the_budget_and_simulate_soundly(case):
+    prog, sizes, costs, budget = case
+    fill = plan_fill(prog, sizes, budget)
+    plan, pred = plan_greedy(prog, sizes, costs, budget)
+    for p in (fill, plan):
+        assert p.budget_bytes == budget and p.arena_bytes <= budget
+        p.validate(sizes)
+        used = set(prog.steps) | {u.uid for u in prog.units if u.pinned}
+        assert {u.uid for u in prog.units if u.pinned} <= p.resident_ids <= used
+        assert [u for u, _ in p.loads] == [u for u in prog.steps if u not in p.resident_ids]
+    _check_prediction(prog, sizes, costs, plan, pred)
+    assert simulate(prog, sizes, costs, plan) == pred  # greedy reports its plan's own simulation
+    _check_prediction(prog, sizes, costs, fill, simulate(prog, sizes, costs, fill))
+
+
+@_fast(150)
+@given(cases())
+def test_greedy_never_loses_to_fill(case):
+    prog, sizes, costs, budget = case
+    _, pred = plan_greedy(prog, sizes, costs, budget)
+    baseline = simulate(prog, sizes, costs, plan_fill(prog, sizes, budget))
+    assert pred.latency_s <= baseline.latency_s * 1.01
+
+
+@_fast(100)
+@given(cases())
+def test_greedy_at_the_whole_model_is_pure_compute(case):
+    """A budget holding every unit: nothing needs to stream, so no smaller budget can do better."""
+    prog, sizes, costs, _ = case
+    total = sum(sizes.values())
+    for budget in (total, total + P + 1):
+        plan, pred = plan_greedy(prog, sizes, costs, budget)
+        assert pred.latency_s == pytest.approx(costs.compute_total_s, rel=1e-9)
+        assert pred.stall_s == 0
+
+
+@_fast(100)
+@given(cases(), st.integers(1, 1000))
+def test_greedy_is_monotonic_in_budget(case, more):
+    prog, sizes, costs, budget = case
+    total = sum(sizes.values())
+    bigger = budget + more * (int(1.2 * total) + P - budget) // 1000
+    _, small = plan_greedy(prog, sizes, costs, budget)
+    _, large = plan_greedy(prog, sizes, costs, bigger)
+    assert large.latency_s <= small.latency_s * (1 + 1e-9), (budget, bigger, small.latency_s, large.latency_s)
+
+
+# ---- JSON round trips ------------------------------------------------------------------------------
+
+@_fast(60)
+@given(cases())
+def test_plans_round_trip_through_json(case):
+    prog, sizes, costs, budget = case
+    for plan in (plan_fill(prog, sizes, budget), plan_greedy(prog, sizes, costs, budget)[0]):
+        back = Plan.from_json(plan.to_json())
+        assert back == plan and back.planner == plan.planner
+        assert all(isinstance(x, tuple) for x in back.resident + back.loads)
+
+
+finite = st.floats(0.0, 1e6, allow_nan=False, allow_infinity=False)
+
+
+@_fast(100)
+@given(st.lists(finite, max_size=50), finite, st.floats(1.0, 1e12), finite)
+def test_cost_model_round_trips_through_json(compute, pre, bps, lat):
+    costs = CostModel(tuple(compute), pre, bps, lat)
+    back = CostModel.from_json(costs.to_json())
+    assert back == costs and isinstance(back.compute_s, tuple)
+    assert back.read_s(4096) == costs.read_s(4096) and back.compute_total_s == costs.compute_total_s
+
+
+# ---- costs_from_record -----------------------------------------------------------------------------
+
+S = 10**9  # ns per second
+T0 = 7 * S  # the call's start, ns
+
+
+def _recorded_program():
+    # emb (unit 0), a merged unit 1 over two roots (b0, b1), head (unit 2); the top module "" owns none.
+    units = (Unit(0, "emb", ("emb",), (), 0), Unit(1, "b0+b1", ("b0", "b1"), (), 0), Unit(2, "head", ("head",), (), 0))
+    root_units = {"": [], "emb": [0], "b0": [1], "b1": [1], "head": [2]}
+    return Program(units, (0, 1, 2), ()), root_units
+
+
+# (root path, pre-hook start, weights ready), ns after T0
+RECORD = [("", 0, 0),
+          ("emb", S // 4, S // 2),  # the first step starts at 0.25 s: pre = 0.25
+          ("b0", 3 * S // 2, 7 * S // 4),  # waits 0.25 s for its weights: not compute
+          ("b1", 2 * S, 2 * S),  # unit 1's second root: the same step
+          ("head", 3 * S, 4 * S)]
+
+
+def test_costs_from_record_exact():
+    # emb: ready 0.5, next step starts 1.5 -> 1.0 s. unit 1: ready 1.75, head starts 3.0 -> 1.25 s
+    # (its second root b1 is part of it). head: ready 4.0, the call ends at 4.5 -> 0.5 s. pre 0.25 s.
+    prog, root_units = _recorded_program()
+    rec = [(p, T0 + a, T0 + b) for p, a, b in RECORD]
+    costs = costs_from_record(prog, root_units, rec, T0, T0 + 9 * S // 2, read_bps=5e8)
+    assert costs == CostModel((1.0, 1.25, 0.5), 0.25, 5e8)
+    assert costs.compute_total_s == 3.0
+
+
+def test_costs_from_record_of_another_order_is_none():
+    prog, root_units = _recorded_program()
+    rec = [(p, T0 + a, T0 + b) for p, a, b in RECORD]
+    swapped = [rec[0], rec[1], rec[4], rec[2], rec[3]]  # head before the block
+    assert costs_from_record(prog, root_units, swapped, T0, T0 + 5 * S, 5e8) is None
+    missing = rec[:4]  # the call never reached head
+    assert costs_from_record(prog, root_units, missing, T0, T0 + 5 * S, 5e8) is None
+    twice = rec + [rec[1]]  # emb again at the end: a step the program does not have
+    assert costs_from_record(prog, root_units, twice, T0, T0 + 5 * S, 5e8) is None
+    # and the right order still gives a model, so the Nones above come from the order alone
+    assert costs_from_record(prog, root_units, rec, T0, T0 + 5 * S, 5e8) is not None
+
+
+# ---- speed -----------------------------------------------------------------------------------------
+
+def test_greedy_on_a_thousand_units_is_quick():
+    rng = random.Random(1000)
+    n = 1000
+    sizes = {i: P * rng.randrange(1, 33) for i in range(n)}
+    steps = list(range(n))
+    for _ in range(20):
+        steps.insert(rng.randrange(len(steps) + 1), rng.randrange(n))
+    prog = program(steps, n, pinned={0})
+    costs = CostModel(tuple(rng.uniform(0, 1e-3) for _ in steps), 1e-3, 2e9, 1e-4)
+    need, _ = min_budget(prog, sizes)
+    budget = need + (sum(sizes.values()) - need) // 3
+    t = time.perf_counter()
+    plan, pred = plan_greedy(prog, sizes, costs, budget)
+    elapsed = time.perf_counter() - t
+    assert elapsed < 2.0, f"plan_greedy took {elapsed:.2f} s on {n} units"
+    assert plan.arena_bytes <= budget and pred.latency_s >= costs.compute_total_s
