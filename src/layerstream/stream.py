@@ -17,6 +17,7 @@ from .layout import unit_layout
 from .measure import disk_read_bps
 from .outputs import tensors_of
 from .plan import Plan, plan_fill
+from .plan.calibrate import calibrate_read_bps
 from .plan.cost import CostModel, costs_from_record
 from .plan.greedy import plan_greedy
 from .plan.simulate import Prediction, simulate
@@ -225,6 +226,8 @@ class StreamedModel(nn.Module):
         costs = costs_from_record(self.cap.program, self.cap.root_units, ex.recorded, *ex.t_call, bps)
         if costs is None:
             return  # this call took another order (data-dependent control flow): keep the fill plan
+        measured_s = (ex.t_call[1] - ex.t_call[0]) / 1e9
+        costs = calibrate_read_bps(self.cap.program, self.sizes, costs, self.plan, measured_s)
         self.costs = costs
         now = simulate(self.cap.program, self.sizes, costs, self.plan)
         plan, pred = plan_greedy(self.cap.program, self.sizes, costs, self.budget_bytes)
