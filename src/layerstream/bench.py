@@ -42,7 +42,8 @@ def worker(cfg: dict) -> dict:
     if cfg["system"] == "eager":
         run = load_eager(model, cfg["weights"]).to(device)
     else:
-        run = stream(model, cfg["weights"], budget=cfg["budget"], io=cfg.get("io", "auto"), device=device)
+        run = stream(model, cfg["weights"], budget=cfg["budget"], io=cfg.get("io", "auto"), device=device,
+                     max_unit=cfg.get("max_unit"))
     lat, first_misses = [], 0
     warmup = 1 if cfg["system"] == "eager" else 2  # streamed: call 1 learns the order, call 2 the costs
     with torch.no_grad():
@@ -73,7 +74,8 @@ def worker(cfg: dict) -> dict:
     return res
 
 
-def _spawn(cfg: dict) -> dict:
+def spawn(cfg: dict) -> dict:
+    """Run one configuration in a fresh process (see worker) and return its result."""
     proc = subprocess.run([sys.executable, "-m", "layerstream.bench", json.dumps(cfg)],
                           capture_output=True, text=True)
     if proc.returncode != 0:
@@ -107,7 +109,7 @@ def bench(model: str, weights: str, budgets: list[str], repeat: int = 5, log=pri
                 log(f"[{i + 1}/{len(cfgs)}] disk {bps / 1e9:.2f} GB/s; {label} ...")
             else:
                 log(f"[{i + 1}/{len(cfgs)}] {label} ...")
-            r = _spawn(cfg)
+            r = spawn(cfg)
             r["outputs_equal"] = True if i == 0 else _equal(cfgs[0]["out"], cfg["out"], exact=device == "cpu")
             eager_ms = runs[0]["latency_ms"] if runs else r["latency_ms"]
             r["disk_read_bps"] = bps

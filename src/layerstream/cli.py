@@ -1,4 +1,4 @@
-"""The `layerstream` command: demo | run | bench."""
+"""The `layerstream` command: demo | run | bench | tradeoff."""
 from __future__ import annotations
 
 import argparse
@@ -62,6 +62,49 @@ def cmd_bench(a) -> int:
     return 0 if all(r["outputs_equal"] for r in result["runs"]) else 1
 
 
+def cmd_tradeoff(a) -> int:
+    import tempfile
+
+    from .budget import fmt_bytes
+    from .models import resolve, weights_for
+    from .plan.tradeoff import sweep
+    from .profile import profile
+
+    spec = resolve(a.model)
+    weights = weights_for(a.model, spec, a.weights)
+    _log(f"profiling {a.model} streamed at {a.profile_budget} (two calls) ...")
+    program, sizes, costs, max_unit = profile(spec, weights, a.profile_budget, a.device)
+    frontier = sweep(program, sizes, costs, a.steps)
+    if a.measure:
+        from dataclasses import replace
+
+        from .bench import spawn
+        points = []
+        with tempfile.TemporaryDirectory(prefix="layerstream-tradeoff-") as tmp:
+            for i, p in enumerate(frontier.points):
+                _log(f"[{i + 1}/{len(frontier.points)}] measuring at {fmt_bytes(p.budget_bytes)} ...")
+                r = spawn({"system": "layerstream", "budget": p.budget_bytes, "model": a.model, "weights": str(weights),
+                           "repeat": a.repeat, "device": a.device, "max_unit": max_unit, "out": f"{tmp}/o{i}.safetensors"})
+                points.append(replace(p, measured_ms=r["latency_ms"]))
+        frontier = replace(frontier, points=tuple(points))
+    print(f"\n{a.model}: compute {frontier.compute_ms:.1f} ms with every weight resident; read speed "
+          f"{frontier.read_bps / 1e9:.2f} GB/s (calibrated); knee (predicted <= 1.05x compute): "
+          + (fmt_bytes(frontier.knee_bytes) if frontier.knee_bytes else "none below the whole model") + "\n")
+    print("| budget | share | predicted ms | measured ms | bound ms | read per call | planner |\n|---|---|---|---|---|---|---|")
+    for p in frontier.points:
+        print(f"| {fmt_bytes(p.budget_bytes)} | {p.budget_bytes / frontier.weight_bytes:.0%} | {p.predicted_ms:.1f} | "
+              + (f"{p.measured_ms:.1f}" if p.measured_ms is not None else "–")
+              + f" | {p.bound_ms:.1f} | {fmt_bytes(p.streamed_bytes)} | {p.planner} |")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"model": a.model, "device": a.device, **frontier.as_dict()}, f, indent=1)
+    if a.png:
+        from .plot import plot_frontier
+        plot_frontier(frontier, f"{a.model} ({a.device})", a.png)
+        _log(f"frontier drawn to {a.png}")
+    return 0
+
+
 def cmd_demo(a) -> int:
     """The front door: a zoo model streamed at 10% of its weights beside the eager model."""
     a.model, a.budget, a.json = a.model, [a.budget], None
@@ -99,6 +142,17 @@ def main(argv: list[str] | None = None) -> int:
                    help="I/O backend for the streamed runs; 'both' runs each budget with each")
     q.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
     q.set_defaults(fn=cmd_bench)
+
+    q = sub.add_parser("tradeoff", help="the memory-latency frontier: predicted (and measured) latency per budget")
+    model_args(q)
+    q.add_argument("--profile-budget", default="25%", help="budget of the two profiling calls (default 25%%)")
+    q.add_argument("--steps", type=int, default=12, help="budgets to plan, minimum to whole model (default 12)")
+    q.add_argument("--measure", action="store_true", help="also run each point, each in a fresh process")
+    q.add_argument("--repeat", type=int, default=3, help="warm calls per measured point (default 3)")
+    q.add_argument("--device", default="cpu")
+    q.add_argument("--json", help="write the frontier as JSON")
+    q.add_argument("--png", help="draw the frontier to this PNG")
+    q.set_defaults(fn=cmd_tradeoff)
 
     q = sub.add_parser("demo", help="stream a zoo model at 10%% of its weights beside the eager model")
     q.add_argument("--model", default="zoo:resnet50")

@@ -1,0 +1,56 @@
+"""The memory-latency frontier: the best predicted latency at every budget, and where the knee is.
+
+Demand Layering found its buffer size by trial runs; here the frontier is swept on the simulator with
+one measured cost model, so a user sees the whole trade-off before picking a budget.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from ..units import Program
+from .cost import CostModel
+from .greedy import plan_greedy
+from .types import min_budget
+
+KNEE = 1.05  # "near-zero delay": predicted latency within 5% of pure compute (Demand Layering's point)
+
+
+@dataclass(frozen=True)
+class Point:
+    budget_bytes: int
+    arena_bytes: int
+    predicted_ms: float
+    bound_ms: float  # max(compute, streamed bytes / read speed) + the first load's read
+    streamed_bytes: int  # per call
+    planner: str
+    measured_ms: float | None = None
+
+
+@dataclass(frozen=True)
+class Frontier:
+    points: tuple[Point, ...]
+    compute_ms: float  # every weight resident: the latency to approach
+    weight_bytes: int  # slot bytes of every unit a call uses
+    read_bps: float
+    knee_bytes: int | None  # smallest budget predicted within KNEE x compute
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def sweep(program: Program, sizes: dict[int, int], costs: CostModel, steps: int = 16) -> Frontier:
+    """Plan at `steps` budgets spaced evenly (in log scale) from the minimum to the whole model."""
+    lo, _ = min_budget(program, sizes)
+    used = set(program.steps) | {u.uid for u in program.units if u.pinned}
+    hi = sum(sizes[u] for u in used)
+    budgets = sorted({int(lo * (hi / lo) ** (i / (steps - 1))) for i in range(steps)} | {lo, hi})
+    compute_s = costs.compute_total_s
+    points = []
+    for b in budgets:
+        plan, pred = plan_greedy(program, sizes, costs, b)
+        streamed = sum(sizes[u] for u, _ in plan.loads)
+        first = costs.read_s(sizes[plan.loads[0][0]]) if plan.loads else 0.0
+        bound = max(compute_s, streamed / costs.read_bps) + first
+        points.append(Point(b, plan.arena_bytes, pred.latency_s * 1e3, bound * 1e3, streamed, plan.planner))
+    knee = next((p.budget_bytes for p in points if p.predicted_ms <= KNEE * compute_s * 1e3), None)
+    return Frontier(tuple(points), compute_s * 1e3, hi, costs.read_bps, knee)
