@@ -43,3 +43,16 @@ def test_tradeoff_command_writes_table_json_and_png(tmp_path, capsys, monkeypatc
     d = json.loads(out_json.read_text())
     assert len(d["points"]) >= 4 and d["points"][-1]["streamed_bytes"] == 0
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_read_tax_is_the_compute_that_reading_cost():
+    from layerstream.plan.cost import with_read_tax
+    pure = CostModel((0.1, 0.2), 0.0, read_bps=1e9)
+    overlapped = CostModel((0.15, 0.25), 0.0, read_bps=2e9)  # 0.1 s more while reading 100 MB
+    costs = with_read_tax(overlapped, pure, 100 * 10**6)
+    assert costs.compute_s == (0.1, 0.2) and costs.read_bps == 2e9
+    assert abs(costs.read_tax_s_per_byte - 1e-9) < 1e-18
+    assert abs(costs.compute_scale(100 * 10**6) - (1 + 0.1 / 0.3)) < 1e-12
+    assert costs.compute_scale(0) == 1.0
+    assert with_read_tax(pure, overlapped, 10**6).read_tax_s_per_byte == 0.0  # never negative
+    assert CostModel.from_json(costs.to_json()) == costs

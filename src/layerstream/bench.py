@@ -45,7 +45,7 @@ def worker(cfg: dict) -> dict:
         run = stream(model, cfg["weights"], budget=cfg["budget"], io=cfg.get("io", "auto"), device=device,
                      max_unit=cfg.get("max_unit"))
     lat, first_misses = [], 0
-    warmup = 1 if cfg["system"] == "eager" else 2  # streamed: call 1 learns the order, call 2 the costs
+    warmup = 1 if cfg["system"] == "eager" else 3  # streamed: calls 1-3 learn the order and the costs
     with torch.no_grad():
         for i in range(cfg["repeat"] + warmup):
             t = time.perf_counter()

@@ -11,7 +11,7 @@ from .stream import stream
 def profile(spec, weights: str | os.PathLike, budget="25%", device="cpu", max_unit: int | None = None):
     """(program, slot sizes, calibrated CostModel, max_unit) of `spec` streamed from `weights`.
 
-    The first call learns the order, the second is timed step by step (see StreamedModel).
+    The first call learns the order, the next two are timed step by step (see StreamedModel).
     """
     inputs = tuple(x.to(device) for x in spec.example_inputs())
     try:
@@ -19,9 +19,9 @@ def profile(spec, weights: str | os.PathLike, budget="25%", device="cpu", max_un
     except BudgetError as e:  # below the minimum for this cut: profile at the minimum instead
         sm = stream(build_empty(spec.build), weights, budget=e.minimum_bytes, device=device, max_unit=max_unit)
     with sm:
-        for _ in range(2):
+        for _ in range(3):
             sm(*inputs)
         if sm.costs is None:
-            raise ModelError("the second call took another order than the first (data-dependent control "
-                             "flow), so no cost model could be made from it")
+            raise ModelError("the timed calls took another order than the first (data-dependent control "
+                             "flow), or nothing streams at this budget, so no cost model could be made")
         return sm.cap.program, dict(sm.sizes), sm.costs, sm.max_unit

@@ -18,7 +18,7 @@ from .measure import disk_read_bps
 from .outputs import tensors_of
 from .plan import Plan, plan_fill
 from .plan.calibrate import calibrate_read_bps
-from .plan.cost import CostModel, costs_from_record
+from .plan.cost import CostModel, costs_from_record, with_read_tax
 from .plan.greedy import plan_greedy
 from .plan.simulate import Prediction, simulate
 from .runtime.arena import Arena
@@ -129,6 +129,9 @@ class StreamedModel(nn.Module):
         self._learning = "done" if plan is not None else "order"  # a plan the user passed is kept as it is
         self._reader_mode = reader
         self.costs: CostModel | None = None
+        self._profile_bps = 0.0
+        self._overlapped: CostModel | None = None
+        self._overlapped_s = 0.0
         self.prediction: Prediction | None = None
         plan = plan or plan_fill(self.cap.program, self.sizes, self.budget_bytes)
         self.trace = Trace(trace)
@@ -206,28 +209,42 @@ class StreamedModel(nn.Module):
         return out
 
     def _maybe_replan(self, ex: Executor) -> None:
-        """Plan again from what calls showed: the real order after the first, the costs after the second.
+        """Plan again from what calls showed: the order after the first, the costs after the third.
 
-        The first call runs the registration-order guess; units are merged along the order it really
-        took. The second call runs that program and is timed step by step; with the reader's speed on
-        this file that makes a cost model, and the greedy planner's plan replaces the fill plan if the
-        simulator predicts it is faster.
+        Call 1 runs the registration-order guess; units are merged along the order it really took.
+        Call 2 runs that program with reads overlapping compute and is timed step by step. Call 3 runs
+        it serially (each read only when compute asks), so its steps time pure compute; the difference
+        is the compute that reading costs (the read tax). With the reader's speed, calibrated so the
+        simulator reproduces call 2, that makes the cost model; the greedy planner's plan replaces the
+        fill plan if the simulator predicts it faster.
         """
         if self._learning == "done":
             return
         if self._learning == "order":
-            self._learning = "costs"
+            self._learning = "overlapped"
             cap = fuse(self.cap, [p for p, _, _ in ex.recorded], self.max_unit, self.index)
             if cap.program != self.cap.program:
                 self._restart(cap, lambda: plan_fill(cap.program, self.sizes, self.budget_bytes))
             return
+        bps = self._profile_bps
+        if self._learning == "overlapped":
+            self._profile_bps = bps = disk_read_bps(self.path, self._reader_mode, self._io.kind,
+                                                    max_bytes=PROFILE_READ_BYTES)[0]
+            self._overlapped = costs_from_record(self.cap.program, self.cap.root_units, ex.recorded, *ex.t_call, bps)
+            self._overlapped_s = (ex.t_call[1] - ex.t_call[0]) / 1e9
+            self._learning = "pure" if self._overlapped is not None else "done"
+            ex.set_serial(self._overlapped is not None and bool(self.plan.loads))
+            if not self.plan.loads:  # nothing streams: there is nothing to plan
+                self._learning = "done"
+            return
         self._learning = "done"
-        bps, _ = disk_read_bps(self.path, self._reader_mode, self._io.kind, max_bytes=PROFILE_READ_BYTES)
-        costs = costs_from_record(self.cap.program, self.cap.root_units, ex.recorded, *ex.t_call, bps)
-        if costs is None:
+        ex.set_serial(False)
+        pure = costs_from_record(self.cap.program, self.cap.root_units, ex.recorded, *ex.t_call, bps)
+        if pure is None:
             return  # this call took another order (data-dependent control flow): keep the fill plan
-        measured_s = (ex.t_call[1] - ex.t_call[0]) / 1e9
-        costs = calibrate_read_bps(self.cap.program, self.sizes, costs, self.plan, measured_s)
+        streamed = sum(self.sizes[u] for u, _ in self.plan.loads)
+        costs = with_read_tax(self._overlapped, pure, streamed)
+        costs = calibrate_read_bps(self.cap.program, self.sizes, costs, self.plan, self._overlapped_s)
         self.costs = costs
         now = simulate(self.cap.program, self.sizes, costs, self.plan)
         plan, pred = plan_greedy(self.cap.program, self.sizes, costs, self.budget_bytes)

@@ -19,6 +19,9 @@ class CostModel:
     pre_s: float  # compute in a call before its first step
     read_bps: float  # bytes per second of the reader on this file
     read_lat_s: float = 1e-4  # fixed cost per load
+    # Compute slowed per byte read meanwhile. On the 2-vCPU development VM a block-I/O completion
+    # stalls one of torch's two threads and the other waits: 0.4-0.7 ms per MB (see README).
+    read_tax_s_per_byte: float = 0.0
 
     def read_s(self, nbytes: int) -> float:
         return self.read_lat_s + nbytes / self.read_bps
@@ -27,13 +30,26 @@ class CostModel:
     def compute_total_s(self) -> float:
         return self.pre_s + sum(self.compute_s)
 
+    def compute_scale(self, streamed_bytes: int) -> float:
+        """How much slower compute runs while `streamed_bytes` are read per call."""
+        total = self.compute_total_s
+        return 1.0 + (self.read_tax_s_per_byte * streamed_bytes / total if total > 0 else 0.0)
+
     def to_json(self) -> str:
         return json.dumps(asdict(self))
 
     @classmethod
     def from_json(cls, text: str) -> "CostModel":
         d = json.loads(text)
-        return cls(tuple(d["compute_s"]), d["pre_s"], d["read_bps"], d["read_lat_s"])
+        return cls(tuple(d["compute_s"]), d["pre_s"], d["read_bps"], d["read_lat_s"], d.get("read_tax_s_per_byte", 0.0))
+
+
+def with_read_tax(overlapped: CostModel, pure: CostModel, bytes_read: int) -> CostModel:
+    """`pure`'s compute times, plus the tax per byte that `overlapped` paid while reading `bytes_read`."""
+    from dataclasses import replace
+    extra = overlapped.compute_total_s - pure.compute_total_s
+    tax = max(0.0, extra / bytes_read) if bytes_read else 0.0
+    return replace(pure, read_bps=overlapped.read_bps, read_tax_s_per_byte=tax)
 
 
 def costs_from_record(program: Program, root_units: dict[str, list[int]],

@@ -60,9 +60,10 @@ def simulate(program: Program, sizes: dict[int, int], costs: CostModel, plan: Pl
         done.append(disk_free)
 
     consumed: list[float] = []
+    scale = costs.compute_scale(sum(lsize))  # compute slowed by the bytes this plan reads per call
     for c in range(calls):
         call_start = t
-        t += costs.pre_s
+        t += costs.pre_s * scale
         stalls = []
         for i, uid in enumerate(steps):
             stall = 0.0
@@ -74,7 +75,7 @@ def simulate(program: Program, sizes: dict[int, int], costs: CostModel, plan: Pl
                 t = max(t, done[k])
                 consumed.append(t)
             stalls.append(stall)
-            t += costs.compute_s[i]
+            t += costs.compute_s[i] * scale
             if uid not in resident:
                 released[k] = t
                 k += 1

@@ -67,6 +67,7 @@ class Executor:
         self.refs = {t.name: t for t in cap.program.tensors}
         self.stats = Stats()
         self.issue_idx = self.consume_idx = 0
+        self.serial = False  # profiling: issue each load only when compute asks, so none overlaps compute
         self.inflight: dict[int, Load] = {}  # planned index -> issued load not yet consumed
         self.live: list[Load] = []  # loads holding ring bytes
         self.bound: dict[int, Load] = {}  # unit id -> ring load bound to its tensors
@@ -136,6 +137,8 @@ class Executor:
                 self._drop_range(self.consume_idx, k)
         load = None
         if k is not None:
+            if self.serial and k not in self.inflight and not self._overlaps(*self._place(k)):
+                self._issue(k)
             load = self.inflight.pop(k, None)
             self.consume_idx = k + 1
             self.issue_idx = max(self.issue_idx, self.consume_idx)
@@ -195,14 +198,26 @@ class Executor:
     # ---- issuing reads --------------------------------------------------------------------------
     def _pump(self) -> None:
         """Issue planned loads in order while their ring bytes are free, up to one call ahead."""
-        while self.n and self.issue_idx < self.consume_idx + self.n:
-            uid, off = self.loads[self.issue_idx % self.n]
-            if self._overlaps(off, self.sizes[uid]):
+        while not self.serial and self.n and self.issue_idx < self.consume_idx + self.n:
+            if self._overlaps(*self._place(self.issue_idx)):
                 return
-            load = Load(uid, off, self.plan.ring_offset + off, self.sizes[uid], planned=True)
-            self.inflight[self.issue_idx] = load
-            self._submit(load)
+            self._issue(self.issue_idx)
             self.issue_idx += 1
+
+    def _place(self, idx: int) -> tuple[int, int]:
+        """(ring offset, bytes) of planned load `idx`."""
+        uid, off = self.loads[idx % self.n]
+        return off, self.sizes[uid]
+
+    def _issue(self, idx: int) -> None:
+        uid, off = self.loads[idx % self.n]
+        load = Load(uid, off, self.plan.ring_offset + off, self.sizes[uid], planned=True)
+        self.inflight[idx] = load
+        self._submit(load)
+
+    def set_serial(self, serial: bool) -> None:
+        self.serial = serial
+        self.issue_idx = max(self.issue_idx, self.consume_idx)
 
     def _overlaps(self, off: int, nbytes: int) -> bool:
         end = off + nbytes
