@@ -72,7 +72,7 @@ def _tensors_of(model: nn.Module):
             yield path, mod, attr, b, False
 
 
-def _match_file(model: nn.Module, index: FileIndex):
+def match_file(model: nn.Module, index: FileIndex):
     """Map every distinct model tensor to its file tensor; raise WeightMismatch listing every problem."""
     by_id: dict[int, list[tuple[str, nn.Module, str, torch.Tensor, bool]]] = {}
     for path, mod, attr, t, is_param in _tensors_of(model):
@@ -113,7 +113,7 @@ def _match_file(model: nn.Module, index: FileIndex):
 
 def capture(model: nn.Module, index: FileIndex, max_unit: int) -> Captured:
     """Cut `model` into load units against the weight file `index` (see module docstring); unmerged."""
-    names_of, owners, refs, originals = _match_file(model, index)
+    names_of, owners, refs, originals = match_file(model, index)
 
     def own(mod: nn.Module) -> list[str]:
         ts = [t for t in list(mod._parameters.values()) + list(mod._buffers.values()) if t is not None]

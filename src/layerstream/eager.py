@@ -6,7 +6,7 @@ import os
 from safetensors import safe_open
 from torch import nn
 
-from .capture import _match_file
+from .capture import match_file
 from .format import read_index
 
 
@@ -17,7 +17,7 @@ def load_eager(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     WeightMismatch. Returns the model, now holding all its weights in memory.
     """
     index = read_index(path)
-    _, owners, _, _ = _match_file(model, index)
+    _, owners, _, _ = match_file(model, index)
     with safe_open(os.fspath(path), framework="pt") as f:
         for name, places in owners.items():
             t = f.get_tensor(name)
