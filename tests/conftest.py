@@ -1,7 +1,10 @@
 """Shared fixtures: tiny zoo models saved once per session, with their eager reference outputs."""
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import struct
 import threading
 
 import pytest
@@ -62,3 +65,30 @@ def open_fds() -> set[str]:
 
 def reader_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name.startswith("layerstream")]
+
+
+@contextlib.contextmanager
+def nothing_left_open():
+    """The body must fail; afterwards no layerstream thread is alive and the open fds are the same."""
+    fds = open_fds()
+    yield
+    assert reader_threads() == [], f"threads left alive: {reader_threads()}"
+    assert open_fds() == fds, f"fds opened and not closed: {open_fds() - fds}"
+
+
+def assert_still_meta(model: torch.nn.Module) -> None:
+    """A failed stream() gives nothing to the model: every parameter is still the meta one."""
+    assert all(p.is_meta for p in model.parameters())
+
+
+def small_model() -> torch.nn.Module:
+    with ls.init_empty_weights():
+        return torch.nn.Linear(2, 2)
+
+
+def write_st(path, header: dict | bytes, data: bytes = b"", length: int | None = None) -> str:
+    """A safetensors file by hand: 8-byte little-endian header length, the JSON header, the data."""
+    raw = header if isinstance(header, bytes) else json.dumps(header).encode()
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw) if length is None else length) + raw + data)
+    return str(path)

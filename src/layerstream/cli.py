@@ -120,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     def model_args(q):
         q.add_argument("model", help="zoo:NAME (e.g. zoo:resnet50) or package.module:function returning a ModelSpec")
         q.add_argument("--weights", help="safetensors file (default: the model's seed-0 weights, made once and cached)")
+        q.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
 
     q = sub.add_parser("run", help="stream a model and print its report")
     model_args(q)
@@ -129,7 +130,6 @@ def main(argv: list[str] | None = None) -> int:
                    help="largest load unit (default: an eighth of the budget)")
     q.add_argument("--reader", choices=["auto", "direct", "buffered"], default="auto")
     q.add_argument("--trace", help="write a Chrome trace (Perfetto) of the calls to this file")
-    q.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
     q.add_argument("--check", action="store_true", help="also run the eager model and compare outputs")
     q.set_defaults(fn=cmd_run)
 
@@ -140,16 +140,14 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--json", help="write the results as JSON to this file")
     q.add_argument("--io", choices=["auto", "aio", "threads", "both"], default="auto",
                    help="I/O backend for the streamed runs; 'both' runs each budget with each")
-    q.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
     q.set_defaults(fn=cmd_bench)
 
     q = sub.add_parser("tradeoff", help="the memory-latency frontier: predicted (and measured) latency per budget")
     model_args(q)
-    q.add_argument("--profile-budget", default="25%", help="budget of the two profiling calls (default 25%%)")
+    q.add_argument("--profile-budget", default="25%", help="budget of the profiling calls (default 25%%)")
     q.add_argument("--steps", type=int, default=12, help="budgets to plan, minimum to whole model (default 12)")
     q.add_argument("--measure", action="store_true", help="also run each point, each in a fresh process")
     q.add_argument("--repeat", type=int, default=3, help="warm calls per measured point (default 3)")
-    q.add_argument("--device", default="cpu")
     q.add_argument("--json", help="write the frontier as JSON")
     q.add_argument("--png", help="draw the frontier to this PNG")
     q.set_defaults(fn=cmd_tradeoff)
