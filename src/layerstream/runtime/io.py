@@ -1,4 +1,4 @@
-"""Readers: file bytes -> arena memory, on a small thread pool.
+"""Readers and I/O backends: file bytes -> arena memory (or pinned staging memory on CUDA).
 
 O_DIRECT is the default so the page cache neither hides the disk's real speed nor holds a second,
 uncounted copy of the weights. Filesystems that refuse O_DIRECT (tmpfs) get buffered reads that drop
@@ -6,7 +6,7 @@ the pages they read with POSIX_FADV_DONTNEED, and the report says so.
 
 Two backends carry reads out behind one small interface (submit, wait, poll, close):
 - `AioIO` (default with O_DIRECT): kernel AIO, submitted and reaped on the compute thread, no threads
-  (see aio.py for why threads hurt on a 2-core machine). Measured here: 1 MiB reads reach the disk's
+  (see aio.py for why). Measured here: 1 MiB reads reach the disk's
   ceiling from 4 in flight on (one at a time reached half of it), and io_submit of a 1 MiB read
   returns in about 0.07 ms, while a 4 MiB one blocked the caller for 2.7 ms as the block layer split it.
   Depth stays at 4: the device completes reads in flight in any order, so with 32 in flight the unit
