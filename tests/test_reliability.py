@@ -85,3 +85,43 @@ def test_bad_input_to_forward_then_good_call(saved):
         with pytest.raises((IndexError, RuntimeError)):
             sm(torch.full((1, 8), 10**6))  # token ids past the vocabulary
         s.check(sm(*s.inputs))
+
+
+@pytest.mark.parametrize("io", ["aio", "threads"])
+@pytest.mark.parametrize("nth", [1, 5, 17])
+def test_read_failing_on_its_nth_read(saved, monkeypatch, io, nth):
+    """An I/O error (EIO) on the Nth read: that call raises ReadError, the next calls are correct."""
+    import errno
+
+    from layerstream.runtime import aio, io as io_mod
+    s = saved("tiny-gpt2")
+    count = {"n": 0}
+
+    def failing(real):
+        def wrapped(*args, **kwargs):
+            count["n"] += 1
+            if count["n"] == nth:
+                raise OSError(errno.EIO, "Input/output error (injected)")
+            return real(*args, **kwargs)
+        return wrapped
+
+    fds = open_fds()
+    with ls.stream(s.model(), s.path, budget=_minimum(s), max_unit=SMALL_UNIT, io=io) as sm:
+        for _ in range(3):  # learn the order and the costs first
+            s.check(sm(*s.inputs))
+        if io == "aio":
+            monkeypatch.setattr(aio.AioContext, "submit", failing(aio.AioContext.submit))
+        else:
+            monkeypatch.setattr(io_mod.DirectReader, "_read", failing(io_mod.DirectReader._read))
+        failed = 0
+        for _ in range(nth + 2):  # enough calls for the Nth read to happen
+            try:
+                s.check(sm(*s.inputs))
+            except ls.ReadError as e:
+                assert "Input/output error" in str(e)
+                failed += 1
+        assert failed == 1
+        monkeypatch.undo()
+        s.check(sm(*s.inputs))
+        assert sm.report().arena_peak_bytes <= sm.report().budget_bytes
+    assert open_fds() == fds and reader_threads() == []
