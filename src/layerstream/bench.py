@@ -19,7 +19,7 @@ import torch
 
 from .budget import fmt_bytes
 from .measure import disk_read_bps, peak_rss_bytes
-from .outputs import tensors_of
+from .outputs import outputs_equal, tensors_of
 
 
 def worker(cfg: dict) -> dict:
@@ -84,11 +84,10 @@ def spawn(cfg: dict) -> dict:
 
 
 def _equal(a: str, b: str, exact: bool = True) -> bool:
-    """Bit for bit on the CPU; on CUDA within 1e-5 (kernels may pick other algorithms per alignment)."""
+    """The outputs two workers saved are equal (see outputs_equal)."""
     from safetensors.torch import load_file
     x, y = load_file(a), load_file(b)
-    same = torch.equal if exact else (lambda p, q: torch.allclose(p, q, rtol=1e-5, atol=1e-5))
-    return x.keys() == y.keys() and all(same(x[k], y[k]) for k in x)
+    return x.keys() == y.keys() and outputs_equal([x[k] for k in x], [y[k] for k in x], exact)
 
 
 def bench(model: str, weights: str, budgets: list[str], repeat: int = 5, log=print, io: str = "auto",

@@ -35,6 +35,10 @@ class Owner:
     attr: str
     is_param: bool
 
+    def assign(self, tensor: torch.Tensor) -> None:
+        """Make the module hold `tensor` here (no registration checks: this is the hot path)."""
+        (self.module._parameters if self.is_param else self.module._buffers)[self.attr] = tensor
+
 
 @dataclass
 class Captured:

@@ -34,11 +34,10 @@ def cmd_run(a) -> int:
             _log(f"trace written to {a.trace} (open it in https://ui.perfetto.dev)")
     if a.check:
         from .eager import load_eager
-        from .outputs import tensors_of
+        from .outputs import outputs_equal, tensors_of
         with torch.no_grad():
             ref = load_eager(build_empty(spec.build), weights).to(a.device)(*inputs)
-        same = torch.equal if a.device == "cpu" else (lambda p, q: torch.allclose(p, q, rtol=1e-5, atol=1e-5))
-        equal = all(same(x, y) for x, y in zip(tensors_of(out), tensors_of(ref)))
+        equal = outputs_equal(tensors_of(out), tensors_of(ref), exact=a.device == "cpu")
         print(f"outputs equal to eager: {'yes' if equal else 'NO'}")
         return 0 if equal else 1
     return 0

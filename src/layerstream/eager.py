@@ -23,5 +23,5 @@ def load_eager(model: nn.Module, path: str | os.PathLike) -> nn.Module:
             t = f.get_tensor(name)
             holder = nn.Parameter(t, requires_grad=False) if places[0].is_param else t
             for o in places:
-                (o.module._parameters if o.is_param else o.module._buffers)[o.attr] = holder
+                o.assign(holder)
     return model

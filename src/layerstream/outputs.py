@@ -13,3 +13,13 @@ def tensors_of(out) -> list[torch.Tensor]:
     if isinstance(out, dict):
         out = list(out.values())
     return [t for x in out for t in tensors_of(x)] if isinstance(out, (list, tuple)) else []
+
+
+def outputs_equal(got: list[torch.Tensor], want: list[torch.Tensor], exact: bool = True) -> bool:
+    """Bit for bit (the CPU promise); or within 1e-5 on CUDA, whose kernels may pick other algorithms
+    for weights at other addresses."""
+    if len(got) != len(want):
+        return False
+    if exact:
+        return all(g.shape == w.shape and torch.equal(g, w) for g, w in zip(got, want))
+    return all(g.shape == w.shape and torch.allclose(g, w, rtol=1e-5, atol=1e-5) for g, w in zip(got, want))

@@ -232,10 +232,9 @@ class StreamedModel(nn.Module):
                                                     max_bytes=PROFILE_READ_BYTES)[0]
             self._overlapped = costs_from_record(self.cap.program, self.cap.root_units, ex.recorded, *ex.t_call, bps)
             self._overlapped_s = (ex.t_call[1] - ex.t_call[0]) / 1e9
-            self._learning = "pure" if self._overlapped is not None else "done"
-            ex.set_serial(self._overlapped is not None and bool(self.plan.loads))
-            if not self.plan.loads:  # nothing streams: there is nothing to plan
-                self._learning = "done"
+            more = self._overlapped is not None and bool(self.plan.loads)  # nothing streams: nothing to plan
+            self._learning = "pure" if more else "done"
+            ex.set_serial(more)
             return
         self._learning = "done"
         ex.set_serial(False)

@@ -54,9 +54,6 @@ class Program:
         """Bytes of all distinct tensors: what preloading the whole model costs."""
         return sum(t.nbytes for t in self.tensors)
 
-    def with_steps(self, steps: tuple[int, ...]) -> "Program":
-        return Program(self.units, tuple(steps), self.tensors)
-
 
 @dataclass(frozen=True)
 class Extent:

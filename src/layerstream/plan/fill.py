@@ -8,7 +8,7 @@ first. The cost-model planners (greedy, CP-SAT) will improve on this choice; it 
 from __future__ import annotations
 
 from ..units import Program
-from .types import Plan, check_budget, place_ring
+from .types import Plan, check_budget, make_plan
 
 READ_AHEAD_UNITS = 3  # ring target, in multiples of the largest streamed unit
 
@@ -43,10 +43,4 @@ def plan_fill(program: Program, sizes: dict[int, int], budget: int) -> Plan:
             streamed = rest
     loads = [u for u in program.steps if u in streamed]
     ring = min(budget - res_bytes, sum(sizes[u] for u in loads)) if loads else 0
-    ring -= ring % 4096
-    offsets, off = [], 0
-    for u in resident:
-        offsets.append((u, off))
-        off += sizes[u]
-    ring_offs = place_ring([sizes[u] for u in loads], ring)
-    return Plan(budget, tuple(offsets), res_bytes, ring, tuple(zip(loads, ring_offs)))
+    return make_plan(budget, resident, loads, sizes, ring - ring % 4096, "fill")

@@ -13,7 +13,7 @@ from ..units import Program
 from .cost import CostModel
 from .fill import plan_fill
 from .simulate import Prediction, simulate
-from .types import Plan, check_budget, place_ring
+from .types import Plan, check_budget, make_plan
 
 RING_MULTIPLES = (1, 1.5, 2, 3, 4, 6, 8, 12, 16, 24, 32)
 
@@ -39,12 +39,7 @@ def _build(program: Program, sizes: dict[int, int], budget: int, ring: int, orde
     if loads and max(sizes[u] for u in loads) > ring:
         return None
     ring = min(ring, sum(sizes[u] for u in loads)) if loads else 0
-    offsets, off = [], 0
-    for u in resident:
-        offsets.append((u, off))
-        off += sizes[u]
-    return Plan(budget, tuple(offsets), off, ring, tuple(zip(loads, place_ring([sizes[u] for u in loads], ring))),
-                planner="greedy")
+    return make_plan(budget, resident, loads, sizes, ring, "greedy")
 
 
 def plan_greedy(program: Program, sizes: dict[int, int], costs: CostModel, budget: int) -> tuple[Plan, Prediction]:

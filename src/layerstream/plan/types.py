@@ -82,6 +82,17 @@ def place_ring(sizes: list[int], ring_bytes: int) -> list[int]:
     return offsets
 
 
+def make_plan(budget: int, resident: list[int], loads: list[int], sizes: dict[int, int], ring: int,
+              planner: str) -> Plan:
+    """Resident units end to end from offset 0, the ring after them, every load placed in the ring."""
+    offsets, off = [], 0
+    for u in resident:
+        offsets.append((u, off))
+        off += sizes[u]
+    return Plan(budget, tuple(offsets), off, ring, tuple(zip(loads, place_ring([sizes[u] for u in loads], ring))),
+                planner)
+
+
 def min_budget(program: Program, sizes: dict[int, int]) -> tuple[int, int | None]:
     """The smallest budget that runs `program`: pinned units plus the largest streamed unit.
 

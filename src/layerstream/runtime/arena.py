@@ -3,12 +3,12 @@
 Sized by the plan (never above the budget) and allocated at start, so streaming never allocates and
 can never fragment. Page-aligned (O_DIRECT writes straight into it) and untouched until read into, so
 the process pays for pages only as they are filled. The arena also keeps its own accounting: bytes
-held by live loads and the peak of that, which tests assert against the budget.
+held by live loads and the peak of that, which tests assert against the budget. Only the executor
+changes it, on the compute thread, one call at a time, so it needs no lock.
 """
 from __future__ import annotations
 
 import mmap
-import threading
 
 import torch
 
@@ -22,7 +22,6 @@ class Arena:
         if nbytes > budget:
             raise BudgetError(f"arena of {nbytes} bytes exceeds the budget of {budget} bytes")
         self.nbytes, self.budget = nbytes, budget
-        self._lock = threading.Lock()
         self.live_bytes = 0
         self.peak_bytes = 0
         if torch.device(device).type == "cuda":  # read into pinned host memory first (see device.py)
@@ -45,15 +44,13 @@ class Arena:
 
     def hold(self, nbytes: int) -> None:
         """Account `nbytes` as live; the plan guarantees they fit, this checks it."""
-        with self._lock:
-            self.live_bytes += nbytes
-            if self.live_bytes > self.nbytes:
-                raise BudgetError(f"arena accounting: {self.live_bytes} live bytes exceed {self.nbytes}")
-            self.peak_bytes = max(self.peak_bytes, self.live_bytes)
+        self.live_bytes += nbytes
+        if self.live_bytes > self.nbytes:
+            raise BudgetError(f"arena accounting: {self.live_bytes} live bytes exceed {self.nbytes}")
+        self.peak_bytes = max(self.peak_bytes, self.live_bytes)
 
     def drop(self, nbytes: int) -> None:
-        with self._lock:
-            self.live_bytes -= nbytes
+        self.live_bytes -= nbytes
 
     def close(self) -> None:
         """Drop our references; the mapping goes when no view of it is left (never under a live view)."""

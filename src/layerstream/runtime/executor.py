@@ -46,9 +46,7 @@ class Stats:
     def __init__(self):
         self.stall_ns = 0
         self.demand_misses = 0
-        self.skipped = 0
         self.bytes_read = 0
-        self.bytes_loaded = 0  # bytes of loads that compute actually used
 
 
 class Executor:
@@ -133,7 +131,6 @@ class Executor:
             end = (k // self.n + 1) * self.n if self.n else k
             k = next((i for i in range(k, end) if self.loads[i % self.n][0] == uid), None)
             if k is not None:  # planned later in this call: skip the loads in between
-                self.stats.skipped += k - self.consume_idx
                 self._drop_range(self.consume_idx, k)
         load = None
         if k is not None:
@@ -149,7 +146,6 @@ class Executor:
         except BaseException:
             self._forget(load)  # its bytes hold nothing usable: give them back so the next call can run
             raise
-        self.stats.bytes_loaded += load.nbytes
         self._bind(load)
         self.bound[uid] = load
 
@@ -161,7 +157,7 @@ class Executor:
                 continue  # resident, or re-bound since by another unit that shares it (tied weights)
             del self.bound_by[name]
             for o in self.cap.owners[name]:
-                (o.module._parameters if o.is_param else o.module._buffers)[o.attr] = self.cap.originals[name]
+                o.assign(self.cap.originals[name])
         self.live.remove(load)
         self.arena.drop(load.nbytes)
 
@@ -189,7 +185,7 @@ class Executor:
         holder = self._holder(name, view)
         holder.data = view
         for o in self.cap.owners[name]:
-            (o.module._parameters if o.is_param else o.module._buffers)[o.attr] = holder
+            o.assign(holder)
 
     def _view(self, name: str, addr: int) -> torch.Tensor:
         ref = self.refs[name]
@@ -334,7 +330,7 @@ class Executor:
         self.inflight.clear()
         for name, owners in self.cap.owners.items():
             for o in owners:
-                (o.module._parameters if o.is_param else o.module._buffers)[o.attr] = self.cap.originals[name]
+                o.assign(self.cap.originals[name])
         self.live.clear()
         self.bound.clear()
         self.holders.clear()

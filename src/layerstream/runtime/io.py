@@ -110,10 +110,6 @@ def _direct_works(fd: int) -> bool:
         buf.close()
 
 
-def read_pool(workers: int = DEFAULT_WORKERS) -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="layerstream-read")
-
-
 class IOBackend:
     """Moves chunks of a Load from the file into the arena; `load.done` is set when all have landed."""
 
@@ -157,7 +153,7 @@ class ThreadIO(IOBackend):
 
     def __init__(self, reader: Reader, trace, workers: int = DEFAULT_WORKERS):
         super().__init__(reader, trace)
-        self.pool = read_pool(workers)
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="layerstream-read")
         self._lock = threading.Lock()
 
     def _submit(self, load, arena, chunks) -> None:

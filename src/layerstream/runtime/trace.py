@@ -28,12 +28,6 @@ class Trace:
         if self.enabled:
             self.events.append((name, cat, start_ns, end_ns, lane or threading.current_thread().name))
 
-    def clear(self) -> None:
-        self.events.clear()
-
-    def total_ns(self, cat: str) -> int:
-        return sum(e - s for _, c, s, e, _ in self.events if c == cat)
-
     def to_chrome(self) -> dict:
         """Chrome trace format: one complete ("X") event per span, one lane (tid) per thread."""
         lanes: dict[str, int] = {}
