@@ -1,4 +1,4 @@
-"""The `layerstream` command: demo | run | bench | tradeoff."""
+"""The `layerstream` command: demo | run | bench | tradeoff | pack (and more; see `layerstream -h`)."""
 from __future__ import annotations
 
 import argparse
@@ -104,6 +104,28 @@ def cmd_tradeoff(a) -> int:
     return 0
 
 
+def cmd_pack(a) -> int:
+    import os
+
+    from .models import resolve
+    from .pack import describe, pack, pack_folder
+
+    spec = resolve(a.model) if a.model else None
+    shown = [-1]
+
+    def progress(done: int, total: int) -> None:
+        pct = done * 100 // max(total, 1)
+        if pct >= shown[0] + 5 or done == total:
+            shown[0] = pct
+            _log(f"packing {a.src}: {pct}% ({done / 1e6:.0f} / {total / 1e6:.0f} MB)")
+
+    fn = pack_folder if os.path.isdir(a.src) else pack
+    r = fn(a.src, a.out, spec=spec, dtype=a.dtype, force=a.force, progress=progress,
+           **({"max_unit": a.max_unit} if a.max_unit else {}))
+    print(describe(r))
+    return 0
+
+
 def cmd_demo(a) -> int:
     """The front door: a zoo model streamed at 10% of its weights beside the eager model."""
     a.model, a.budget, a.json = a.model, [a.budget], None
@@ -150,6 +172,18 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--json", help="write the frontier as JSON")
     q.add_argument("--png", help="draw the frontier to this PNG")
     q.set_defaults(fn=cmd_tradeoff)
+
+    q = sub.add_parser("pack", help="rewrite a checkpoint in execution order, 4 KiB aligned, with checksums")
+    q.add_argument("src", help="a safetensors file, or a Hugging Face folder (one or several shards)")
+    q.add_argument("-o", "--out", required=True, help="the packed file (a folder if SRC is a folder)")
+    q.add_argument("--model", help="zoo:NAME or package.module:function: order by one real call of it "
+                   "(default: natural name order, grouped by module)")
+    q.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
+                   help="store floating tensors in this dtype (build the model in it too)")
+    q.add_argument("--max-unit", type=lambda s: __import__("layerstream").parse_bytes(s), default=None,
+                   help="largest checksummed unit (default 16 MiB)")
+    q.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    q.set_defaults(fn=cmd_pack)
 
     q = sub.add_parser("demo", help="stream a zoo model at 10%% of its weights beside the eager model")
     q.add_argument("--model", default="zoo:resnet50")

@@ -29,6 +29,10 @@ class ReadError(LayerstreamError, OSError):
     """A read of the weight file failed or came back short while streaming."""
 
 
+class ChecksumError(ReadError):
+    """Bytes read from a packed file do not match the checksum pack recorded for them."""
+
+
 class ModelError(LayerstreamError, RuntimeError):
     """The model misbehaved under streaming, e.g. used a parameter outside its module's forward."""
 

@@ -1,0 +1,264 @@
+"""`pack(src, out)`: rewrite a checkpoint into execution order, 4 KiB aligned, with a checksummed unit table.
+
+Tensor by tensor, never the whole model in memory: each tensor is read from its source file, converted
+if a dtype was asked for, hashed, and written at its place in a temporary file beside `out`; the
+header's digests are filled in at the end, the file is synced and renamed over `out`. An interrupted
+pack therefore leaves at most `out.partial-PID`, never a file named `out` that looks whole.
+
+The order comes from the model when one is given (one streamed call at a small budget records the
+order its modules really run in, and the units are cut and merged as the runtime would); without a
+model it is the tensors' names in natural order (`h.2` before `h.10`), grouped by module, which is
+execution order for almost every sequential network.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import xxhash
+
+from .budget import fmt_bytes
+from .capture import ST_TO_TORCH, TORCH_TO_ST
+from .errors import BudgetError, LayerstreamError
+from .format import FileIndex, FileTensor, read_index
+from .packfile import META_KEY, PackEntry, PackUnit, header_bytes, layout_pack
+
+COPY_CHUNK = 16 * 2**20
+DEFAULT_MAX_UNIT = 16 * 2**20
+FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
+DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+
+
+class PackError(LayerstreamError, ValueError):
+    """pack was asked for something it must refuse (overwriting its input, an unknown dtype...)."""
+
+
+@dataclass(frozen=True)
+class PackResult:
+    path: str
+    tensors: int
+    units: int
+    bytes_in: int
+    bytes_out: int
+    order: str  # "model" or "names"
+
+
+def source_tensors(src: str) -> tuple[dict[str, tuple[FileIndex, FileTensor]], dict[str, str]]:
+    """Every tensor of a safetensors file or a Hugging Face folder (sharded or not), and the metadata."""
+    if not os.path.isdir(src):
+        idx = read_index(src)
+        return {n: (idx, t) for n, t in idx.tensors.items()}, dict(idx.metadata)
+    index_json = os.path.join(src, "model.safetensors.index.json")
+    if os.path.exists(index_json):
+        with open(index_json) as f:
+            weight_map = json.load(f).get("weight_map", {})
+        shards = sorted(set(weight_map.values()))
+    else:
+        shards = sorted(f for f in os.listdir(src) if f.endswith(".safetensors"))
+    if not shards:
+        raise PackError(f"{src}: no .safetensors files in this folder; pass a safetensors file or a "
+                        "Hugging Face checkpoint folder")
+    out, meta = {}, {}
+    for shard in shards:
+        idx = read_index(os.path.join(src, shard))
+        meta.update(idx.metadata)
+        for n, t in idx.tensors.items():
+            out[n] = (idx, t)
+    return out, meta
+
+
+def _natural(name: str):
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
+
+
+def units_by_name(names: list[str], nbytes: dict[str, int], max_unit: int) -> list[tuple[str, list[str]]]:
+    """Natural name order, a unit per module (the name's prefix), consecutive modules merged up to max_unit."""
+    groups: dict[str, list[str]] = {}
+    for n in sorted(names, key=_natural):
+        groups.setdefault(n.rpartition(".")[0], []).append(n)
+    units: list[tuple[str, list[str]]] = []
+    size = 0
+    for mod, ts in groups.items():
+        b = sum(nbytes[t] for t in ts)
+        if units and size + b <= max_unit:
+            units[-1] = (units[-1][0], units[-1][1] + ts)
+            size += b
+        else:
+            units.append((mod or "<top>", ts))
+            size = b
+    return units
+
+
+def units_by_model(spec, weights: str, max_unit: int) -> list[tuple[str, list[str]]]:
+    """The units one streamed call of `spec` really ran, in the order it ran them."""
+    from .meta import build_empty
+    from .stream import stream
+
+    inputs = spec.example_inputs()
+    try:
+        sm = stream(build_empty(spec.build), weights, budget="10%", max_unit=max_unit)
+    except BudgetError as e:
+        sm = stream(build_empty(spec.build), weights, budget=e.minimum_bytes, max_unit=max_unit)
+    with sm:
+        sm(*inputs)  # the first call records the order; units are merged along it
+        prog = sm.cap.program
+    units, placed = [], set()
+    for u in dict.fromkeys(prog.steps):
+        ts = [t for t in prog.units[u].tensors if t not in placed]  # a tied tensor goes with its first user
+        placed.update(ts)
+        if ts:
+            units.append((prog.units[u].name, ts))
+    return units
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def pack(src: str | os.PathLike, out: str | os.PathLike, *, spec=None, dtype: str | None = None,
+         max_unit: int = DEFAULT_MAX_UNIT, force: bool = False,
+         progress: Callable[[int, int], None] | None = None) -> PackResult:
+    """Write `src` (a safetensors file or HF folder) to the packed file `out`; see the module docstring.
+
+    `spec` (a ModelSpec: build + example_inputs) gives the execution order; `dtype` ("float16",
+    "bfloat16", "float32") converts floating tensors so nothing is converted at load time.
+    """
+    src, out = os.fspath(src), os.fspath(out)
+    if dtype is not None and dtype not in DTYPES:
+        raise PackError(f"dtype {dtype!r}: pack stores float32, float16 or bfloat16")
+    tensors, meta = source_tensors(src)
+    for idx in {id(i): i for i, _ in tensors.values()}.values():
+        if _same_file(idx.path, out):
+            raise PackError(f"{out} is pack's own input ({idx.path}); write the pack to another path")
+    if os.path.exists(out) and not force:
+        raise PackError(f"{out} exists; pass force=True (--force) to replace it")
+    if spec is not None and os.path.isdir(src):
+        raise PackError("ordering by a model needs a single safetensors file as the source: pack the "
+                        "folder without a model first (natural order), then pack that file with the model")
+    nbytes = {n: t.nbytes for n, (_, t) in tensors.items()}
+    if spec is not None:
+        units = units_by_model(spec, src, max_unit)
+        placed = {t for _, ts in units for t in ts}
+        rest = [n for n in tensors if n not in placed]
+        if rest:  # in the file but unused by the model: kept, after everything the model reads
+            units += units_by_name(rest, nbytes, max_unit)
+        order = "model"
+    else:
+        units = units_by_name(list(tensors), nbytes, max_unit)
+        order = "names"
+    target = DTYPES.get(dtype) if dtype else None
+
+    def entry(n: str) -> PackEntry:
+        t = tensors[n][1]
+        dt = target if target and t.dtype in FLOAT_DTYPES else t.dtype
+        return PackEntry(n, dt, t.shape, t.nbytes // _itemsize(t.dtype) * _itemsize(dt))
+
+    lay = layout_pack([(name, [entry(n) for n in ts]) for name, ts in units])
+    meta = {k: v for k, v in meta.items() if k != META_KEY}
+    meta.setdefault("format", "pt")  # transformers refuses safetensors files without it
+    head = header_bytes(lay, meta)
+    tmp = f"{out}.partial-{os.getpid()}"
+    fds: dict[str, int] = {}
+    try:
+        with open(tmp, "wb") as f:
+            data_start = 8 + len(head)
+            f.write(len(head).to_bytes(8, "little") + head)
+            done, done_units = 0, []
+            total = sum(e.nbytes for e in lay.entries.values())
+            for u in lay.units:
+                h, digests, pos = xxhash.xxh3_64(), [], u.begin
+                for n in u.tensors:
+                    gap = lay.offsets[n] - pos
+                    h.update(bytes(gap))
+                    f.seek(data_start + lay.offsets[n])
+                    th = xxhash.xxh3_64()
+                    for chunk in _chunks(tensors[n], lay.entries[n].dtype, fds):
+                        f.write(chunk)
+                        h.update(chunk)
+                        th.update(chunk)
+                        done += len(chunk)
+                        if progress:
+                            progress(done, total)
+                    digests.append(th.hexdigest())
+                    pos = lay.offsets[n] + lay.entries[n].nbytes
+                done_units.append(PackUnit(u.name, u.tensors, u.begin, u.end, h.hexdigest(), tuple(digests)))
+            f.truncate(data_start + lay.data_bytes)  # trailing pads are holes that read as zeros
+            final = header_bytes(lay, meta, tuple(done_units))
+            assert len(final) == len(head), "digests are fixed-width: the header cannot change length"
+            f.seek(8)
+            f.write(final)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, out)
+        _fsync_dir(os.path.dirname(os.path.abspath(out)))
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    return PackResult(out, len(lay.entries), len(lay.units), sum(nbytes.values()),
+                      os.path.getsize(out), order)
+
+
+def pack_folder(src: str, out: str, **kwargs) -> PackResult:
+    """A HF folder -> a folder with the same config/tokenizer files and one packed model.safetensors."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise PackError(f"{out} exists and is not a folder; packing a folder writes a folder")
+    os.makedirs(out, exist_ok=True)
+    result = pack(src, os.path.join(out, "model.safetensors"), **kwargs)
+    for name in os.listdir(src):
+        p = os.path.join(src, name)
+        if os.path.isfile(p) and not name.endswith(".safetensors") and name != "model.safetensors.index.json":
+            shutil.copy2(p, os.path.join(out, name))
+    return result
+
+
+def _itemsize(dt: str) -> int:
+    return torch.empty(0, dtype=ST_TO_TORCH[dt]).element_size()
+
+
+def _chunks(src: tuple[FileIndex, FileTensor], dtype: str, fds: dict[str, int]):
+    """The tensor's bytes in `dtype`: copied in chunks, or read whole and converted."""
+    idx, t = src
+    fd = fds.get(idx.path)
+    if fd is None:
+        fd = fds[idx.path] = os.open(idx.path, os.O_RDONLY)
+    if dtype == t.dtype:
+        for off in range(t.begin, t.end, COPY_CHUNK):
+            n = min(COPY_CHUNK, t.end - off)
+            b = os.pread(fd, n, off)
+            if len(b) != n:
+                raise PackError(f"{idx.path}: tensor {t.name!r} is cut short at byte {off + len(b)}; "
+                                "the file changed while packing")
+            yield b
+        return
+    raw = bytearray(os.pread(fd, t.nbytes, t.begin))
+    if len(raw) != t.nbytes:
+        raise PackError(f"{idx.path}: tensor {t.name!r} is cut short; the file changed while packing")
+    x = torch.frombuffer(raw, dtype=ST_TO_TORCH[t.dtype]) if raw else torch.empty(0, dtype=ST_TO_TORCH[t.dtype])
+    conv = x.to(ST_TO_TORCH[dtype])
+    assert TORCH_TO_ST[conv.dtype] == dtype
+    yield conv.view(torch.uint8).numpy().tobytes()
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def describe(r: PackResult) -> str:
+    return (f"packed {r.tensors} tensors in {r.units} units ({r.order} order): "
+            f"{fmt_bytes(r.bytes_in)} -> {fmt_bytes(r.bytes_out)} at {r.path}")
