@@ -56,6 +56,30 @@ class OverlappingTensors(FormatError):
     """Two tensors' byte ranges overlap."""
 
 
+class CheckpointError(FormatError):
+    """A Hugging Face checkpoint folder that is incomplete or disagrees with itself (see checkpoint.py)."""
+
+
+class NoWeightFile(CheckpointError):
+    """The folder has neither model.safetensors nor model.safetensors.index.json."""
+
+
+class IndexCorrupt(CheckpointError):
+    """model.safetensors.index.json is not JSON of the shape {"weight_map": {tensor: shard file}}."""
+
+
+class MissingShard(CheckpointError):
+    """The index names a shard file that is not in the folder."""
+
+
+class ShardMismatch(CheckpointError):
+    """The index places a tensor in a shard whose header does not hold it."""
+
+
+class MissingConfig(CheckpointError):
+    """The folder has no config.json (or one transformers cannot read), so the model cannot be built."""
+
+
 @dataclass(frozen=True)
 class FileTensor:
     name: str
@@ -78,6 +102,9 @@ class FileIndex:
     data_start: int
     tensors: dict[str, FileTensor]
     metadata: dict[str, str]
+    # A sharded checkpoint read as one virtual file (checkpoint.py): (base offset, shard file) of each
+    # shard, by base. Empty for a single file, whose offsets are the file's own.
+    parts: tuple[tuple[int, str], ...] = ()
 
 
 def read_index(path: str | os.PathLike) -> FileIndex:

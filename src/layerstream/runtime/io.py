@@ -16,6 +16,7 @@ Two backends carry reads out behind one small interface (submit, wait, poll, clo
 """
 from __future__ import annotations
 
+import bisect
 import errno
 import itertools
 import mmap
@@ -53,6 +54,10 @@ class Reader:
     def _read(self, dst: memoryview, file_off: int) -> int:
         raise NotImplementedError
 
+    def route(self, file_off: int, need: int) -> tuple[int, int, int]:
+        """(fd, offset in that file, bytes that must exist there) of a read at `file_off` (AIO submits by fd)."""
+        return self.fd, file_off, need
+
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
@@ -76,10 +81,51 @@ class BufferedReader(Reader):
         return got
 
 
-def open_reader(path: str, mode: str = "auto") -> Reader:
-    """Open `path` for streaming: mode "direct", "buffered", or "auto" (direct, else buffered)."""
+class MultiReader(Reader):
+    """Several files read as one virtual file (a sharded checkpoint: see checkpoint.py).
+
+    Each shard sits at its own aligned base, with a gap wider than any coalesced read between shards,
+    so a read starts inside exactly one shard and is handed to that shard's reader. A read may run past
+    its shard's end into the gap (aligned reads of the shard's last tensor): only the bytes up to the
+    shard's end must exist, as with a single file's end.
+    """
+
+    def __init__(self, path: str, parts: list[tuple[int, Reader]]):
+        self.path, self.fd = path, -1
+        self.parts = parts
+        self.bases = [b for b, _ in parts]
+        self.size = parts[-1][0] + parts[-1][1].size
+        self.mode = parts[0][1].mode
+
+    def _part(self, file_off: int) -> tuple[int, Reader]:
+        i = bisect.bisect_right(self.bases, file_off) - 1
+        if i < 0 or file_off >= self.parts[i][0] + self.parts[i][1].size:
+            raise ReadError(f"{self.path}: offset {file_off} lies between shards; no tensor is there")
+        return self.parts[i]
+
+    def route(self, file_off: int, need: int) -> tuple[int, int, int]:
+        base, r = self._part(file_off)
+        return r.fd, file_off - base, min(need, r.size - (file_off - base))
+
+    def read_into(self, dst: memoryview, file_off: int, need: int) -> None:
+        base, r = self._part(file_off)
+        r.read_into(dst, file_off - base, min(need, r.size - (file_off - base)))
+
+    def close(self) -> None:
+        for _, r in self.parts:
+            r.close()
+
+
+def open_reader(path: str, mode: str = "auto", parts: tuple[tuple[int, str], ...] = ()) -> Reader:
+    """Open `path` for streaming: mode "direct", "buffered", or "auto" (direct, else buffered).
+
+    With `parts` ((base offset, file) per shard, from checkpoint.read_checkpoint), open every shard in
+    one mode and route reads by offset (MultiReader).
+    """
     if mode not in ("auto", "direct", "buffered"):
         raise ValueError(f"reader mode {mode!r}: use 'auto', 'direct' or 'buffered'")
+    if parts:
+        return _open_parts(path, mode, parts)
     if mode in ("auto", "direct"):
         try:
             fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
@@ -96,6 +142,24 @@ def open_reader(path: str, mode: str = "auto") -> Reader:
         return BufferedReader(path, os.open(path, os.O_RDONLY))
     except OSError as e:
         raise ReadError(f"{path}: cannot open: {e}") from e
+
+
+def _open_parts(path: str, mode: str, parts: tuple[tuple[int, str], ...]) -> MultiReader:
+    readers: list[Reader] = []
+    try:
+        for _, p in parts:
+            readers.append(open_reader(p, mode))
+        if len({r.mode for r in readers}) > 1:  # shards on filesystems that differ: read all alike
+            for r in readers:
+                r.close()
+            readers = []
+            for _, p in parts:
+                readers.append(open_reader(p, "buffered"))
+    except BaseException:
+        for r in readers:
+            r.close()
+        raise
+    return MultiReader(path, [(b, r) for (b, _), r in zip(parts, readers)])
 
 
 def _direct_works(fd: int) -> bool:
@@ -195,7 +259,8 @@ class AioIO(IOBackend):
         base = arena.buf.data_ptr()
         for off, file_off, nbytes, need in chunks:
             key = next(self._ids)
-            self.queued.append((key, iocb(self.reader.fd, base + off, nbytes, file_off, key), load, file_off, need))
+            fd, local_off, need = self.reader.route(file_off, need)  # a shard's fd for a sharded checkpoint
+            self.queued.append((key, iocb(fd, base + off, nbytes, local_off, key), load, file_off, need))
         self.poll()
 
     def poll(self) -> None:
