@@ -3,14 +3,16 @@ from .budget import parse_budget, parse_bytes
 from .errors import (BudgetError, ClosedError, LayerstreamError, MetaBufferError, ModelError, ReadError,
                      WeightMismatch)
 from .eager import load_eager
-from .format import FormatError
+from .format import CheckpointError, FormatError
 from .meta import build_empty, init_empty_weights
 from .plan import Plan
+from .pretrained import from_pretrained
 from .stream import Report, StreamedModel, stream
 
 __all__ = [
-    "stream", "StreamedModel", "load_eager", "Report", "Plan", "init_empty_weights", "build_empty", "parse_budget", "parse_bytes",
+    "stream", "from_pretrained", "StreamedModel", "load_eager", "Report", "Plan", "init_empty_weights",
+    "build_empty", "parse_budget", "parse_bytes",
     "LayerstreamError", "BudgetError", "WeightMismatch", "MetaBufferError", "ReadError", "ModelError",
-    "ClosedError", "FormatError",
+    "ClosedError", "FormatError", "CheckpointError",
 ]
 __version__ = "0.1.0"

@@ -5,14 +5,16 @@ import os
 import threading
 import time
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from .budget import fmt_bytes, parse_budget
-from .capture import capture, fuse
+from .capture import ST_TO_TORCH, capture, fuse
+from .checkpoint import read_checkpoint, shard_paths
 from .errors import ClosedError, ModelError
-from .format import read_index
+from .format import FileIndex
 from .layout import unit_layout
 from .measure import disk_read_bps
 from .outputs import tensors_of
@@ -21,10 +23,14 @@ from .plan.calibrate import calibrate_read_bps
 from .plan.cost import CostModel, costs_from_record, with_read_tax
 from .plan.greedy import plan_greedy
 from .plan.simulate import Prediction, simulate
+from .pretrained import align_to_model
 from .runtime.arena import Arena
 from .runtime.executor import Executor
 from .runtime.io import DEFAULT_WORKERS, make_io, open_reader
 from .runtime.trace import Trace
+
+if TYPE_CHECKING:
+    from .pretrained import GenerationStats
 
 PROFILE_READ_BYTES = 256 * 2**20  # how much of the file to read to measure the reader's speed
 MIN_UNIT = 256 * 2**10
@@ -73,6 +79,7 @@ class Report:
     predicted_ms: float | None  # the simulator's warm latency for the plan in use (after the second call)
     read_bps: float | None  # the reader's speed on this file, measured for the cost model
     notes: list[str] = field(default_factory=list)
+    generation: GenerationStats | None = None  # the last generate(): tokens/s, its bound, KV cache bytes
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -93,6 +100,8 @@ class Report:
             ("plan (predicted)", f"{self.planner}" + (f" ({self.predicted_ms:.1f} ms at "
                                  f"{self.read_bps / 1e9:.2f} GB/s)" if self.predicted_ms else "")),
         ]
+        if self.generation is not None:
+            rows += self.generation.rows()
         w = max(len(k) for k, _ in rows)
         return "\n".join([f"{k:<{w}}  {v}" for k, v in rows] + [f"note: {n}" for n in self.notes])
 
@@ -106,7 +115,7 @@ class StreamedModel(nn.Module):
     stop its reads, close its file and free its arena.
     """
 
-    def __init__(self, model: nn.Module, path: str | os.PathLike, budget="10%", device="cpu", *,
+    def __init__(self, model: nn.Module, path: str | os.PathLike | FileIndex, budget="10%", device="cpu", *,
                  plan: Plan | None = None, max_unit: int | None = None, reader: str = "auto",
                  io: str = "auto", workers: int = DEFAULT_WORKERS, trace: bool = True):
         super().__init__()
@@ -119,9 +128,12 @@ class StreamedModel(nn.Module):
         self._call_lock = threading.RLock()
         self._hooks = []
         self.model = model
-        self.path = os.fspath(path)
         # Everything that can refuse (file header, model/file match, budget) runs before anything opens.
-        self.index = read_index(self.path)
+        # A Hugging Face folder of shards is one virtual file (checkpoint.py); names are aligned to the
+        # model's where a renaming is the difference (a base-model checkpoint in a head model).
+        index = path if isinstance(path, FileIndex) else read_checkpoint(path)
+        self.index = align_to_model(index, model)
+        self.path = index.path if isinstance(path, FileIndex) else os.fspath(path)
         self.weight_bytes = model_weight_bytes(model)
         self.budget_bytes = parse_budget(budget, self.weight_bytes)
         self.max_unit = max_unit or default_max_unit(self.budget_bytes)
@@ -138,9 +150,12 @@ class StreamedModel(nn.Module):
         self._latencies: list[float] = []
         self._bytes_last = 0
         self._stall_last = 0
+        self._call = None  # the call in flight: (executor, bytes read, stall ns, start s, shape key)
+        self._key_overlapped = None  # the shape key of the timed overlapped call (learning)
+        self.generation: GenerationStats | None = None
         try:
             _move_real_buffers(model, self.device)
-            self._reader = open_reader(self.path, reader)
+            self._reader = open_reader(self.index.path, reader, self.index.parts)
             self._io = make_io(self._reader, self.trace, io, workers)
             self._start(plan)
             for path_, mod in self.cap.roots.items():
@@ -149,6 +164,23 @@ class StreamedModel(nn.Module):
         except BaseException:
             self.close()
             raise
+
+    @property
+    def config(self):
+        """The inner model's config (transformers): code that reads `model.config` takes the streamed model."""
+        return self.model.config
+
+    def _apply(self, fn, recurse=True):
+        """`.to()`, `.float()`, `.cuda()` reach here: the weights live in the arena, not in the model, so
+        a move or cast to what is already the case is a no-op (a pipeline calling `.to(device)` on its
+        modules works); any other refuses, since it would need the weights loaded."""
+        floats = [ST_TO_TORCH[t.dtype] for t in self.cap.program.tensors if t.dtype in ("F64", "F32", "F16", "BF16")]
+        like = torch.empty(0, dtype=floats[0] if floats else torch.float32, device=self.device)
+        probe = fn(like)
+        if probe.device != like.device or probe.dtype != like.dtype:
+            raise ModelError(f"a streamed model cannot be moved or cast (to {probe.device}, {probe.dtype}): its "
+                             f"weights stream into an arena on {self.device}; stream again with device=... instead")
+        return self
 
     def _set_capture(self, cap) -> None:
         self.cap = cap
@@ -184,31 +216,56 @@ class StreamedModel(nn.Module):
 
     def forward(self, *args, **kwargs):
         with self._call_lock:
-            return self._forward(args, kwargs)
+            self._begin(args, kwargs)
+            out, failed = None, True
+            try:
+                with torch.no_grad():
+                    out = self.model(*args, **kwargs)
+                failed = False
+            finally:
+                self._end(out, failed)
+            return out
 
-    def _forward(self, args, kwargs):
+    def generate(self, *args, **kwargs):
+        """The inner model's `generate()` (transformers), every forward it makes a streamed call.
+
+        Prefill and each decoding step are calls like any other: served under the call lock, timed,
+        re-planned between calls. The KV cache lives outside the weight budget; its size, tokens/s and
+        the bound set by the disk are in `report().generation`.
+        """
+        from .pretrained import generate_streamed
+        with self._call_lock:
+            if self._exec is None:
+                raise ClosedError("this streamed model is closed; call layerstream.stream() again")
+            return generate_streamed(self, args, kwargs)
+
+    def _begin(self, args, kwargs) -> None:
+        """Start a call: the executor aligns its schedule to a call start (see Executor.begin_call)."""
         if self._exec is None:
             raise ClosedError("this streamed model is closed; call layerstream.stream() again")
         ex = self._exec
-        read0, stall0 = ex.stats.bytes_read, ex.stats.stall_ns
-        t0 = time.perf_counter()
+        self._call = (ex, ex.stats.bytes_read, ex.stats.stall_ns, time.perf_counter(), _shape_key(args, kwargs))
         ex.begin_call()
+
+    def _end(self, out, failed: bool) -> None:
+        """End the call begun by _begin; a failed call releases its units and records nothing."""
+        ex, read0, stall0, t0, key = self._call
+        self._call = None
         try:
-            with torch.no_grad():
-                out = self.model(*args, **kwargs)
-            if self.device.type == "cuda":
+            if not failed and self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)  # the call ends when its output is computed
         finally:
             ex.end_call()
+        if failed:
+            return
         self._latencies.append((time.perf_counter() - t0) * 1e3)
         self.trace.add(f"call {len(self._latencies)}", "call", ex.t_call[0], ex.t_call[1], "calls")
         self._bytes_last = ex.stats.bytes_read - read0
         self._stall_last = ex.stats.stall_ns - stall0
         _check_not_meta(out)
-        self._maybe_replan(ex)
-        return out
+        self._maybe_replan(ex, key)
 
-    def _maybe_replan(self, ex: Executor) -> None:
+    def _maybe_replan(self, ex: Executor, key=None) -> None:
         """Plan again from what calls showed: the order after the first, the costs after the third.
 
         Call 1 runs the registration-order guess; units are merged along the order it really took.
@@ -216,7 +273,9 @@ class StreamedModel(nn.Module):
         it serially (each read only when compute asks), so its steps time pure compute; the difference
         is the compute that reading costs (the read tax). With the reader's speed, calibrated so the
         simulator reproduces call 2, that makes the cost model; the greedy planner's plan replaces the
-        fill plan if the simulator predicts it faster.
+        fill plan if the simulator predicts it faster. Calls 2 and 3 must have the same input shapes
+        (`key`) to be compared: generate()'s prefill and decoding steps differ, so a serial call whose
+        shapes differ from the timed one's is thrown away and the next call is timed again.
         """
         if self._learning == "done":
             return
@@ -228,13 +287,20 @@ class StreamedModel(nn.Module):
             return
         bps = self._profile_bps
         if self._learning == "overlapped":
-            self._profile_bps = bps = disk_read_bps(self.path, self._reader_mode, self._io.kind,
-                                                    max_bytes=PROFILE_READ_BYTES)[0]
+            if not bps:  # the largest shard stands for a folder's disk: they lie side by side
+                big = max(shard_paths(self.index), key=os.path.getsize)
+                self._profile_bps = bps = disk_read_bps(big, self._reader_mode, self._io.kind,
+                                                        max_bytes=PROFILE_READ_BYTES)[0]
+            self._key_overlapped = key
             self._overlapped = costs_from_record(self.cap.program, self.cap.root_units, ex.recorded, *ex.t_call, bps)
             self._overlapped_s = (ex.t_call[1] - ex.t_call[0]) / 1e9
             more = self._overlapped is not None and bool(self.plan.loads)  # nothing streams: nothing to plan
             self._learning = "pure" if more else "done"
             ex.set_serial(more)
+            return
+        if key != self._key_overlapped:  # not comparable with the timed call: time the next one again
+            self._learning = "overlapped"
+            ex.set_serial(False)
             return
         self._learning = "done"
         ex.set_serial(False)
@@ -277,7 +343,7 @@ class StreamedModel(nn.Module):
             units=len(self.cap.program.units), loads_per_call=len(self.plan.loads),
             reader=f"{self._reader.mode}/{self._io.kind}", planner=self.plan.planner,
             predicted_ms=self.prediction.latency_s * 1e3 if self.prediction else None,
-            read_bps=self.costs.read_bps if self.costs else None, notes=notes)
+            read_bps=self.costs.read_bps if self.costs else None, notes=notes, generation=self.generation)
 
     def close(self) -> None:
         """Stop reads, remove hooks, give the model back its meta tensors, close the file, free the arena."""
@@ -309,6 +375,12 @@ class StreamedModel(nn.Module):
             pass
 
 
+def _shape_key(args, kwargs) -> tuple:
+    """The shapes of a call's tensor arguments, but an attention mask's (it grows by one per decoded token)."""
+    items = list(enumerate(args)) + [(k, v) for k, v in kwargs.items() if k != "attention_mask"]
+    return tuple((k, tuple(v.shape)) for k, v in items if isinstance(v, torch.Tensor))
+
+
 def _move_real_buffers(model: nn.Module, device: torch.device) -> None:
     """Non-persistent buffers (no file holds them) were built real on the CPU: move them to `device`."""
     for mod in model.modules():
@@ -327,9 +399,11 @@ def _check_not_meta(out) -> None:
 
 
 def stream(model: nn.Module, path: str | os.PathLike, budget="10%", device="cpu", **kwargs) -> StreamedModel:
-    """Stream `model`'s weights from the safetensors file `path` under `budget` bytes of weight memory.
+    """Stream `model`'s weights from `path` under `budget` bytes of weight memory.
 
-    `model` is best built with its weights on meta (`layerstream.init_empty_weights()`); `budget` is a
-    byte count, a size ("512MB", "1.5GiB") or a share of the model's weights ("10%").
+    `path` is a safetensors file or a Hugging Face checkpoint folder (one file or shards with their
+    index.json), streamed as it is. `model` is best built with its weights on meta
+    (`layerstream.init_empty_weights()`); `budget` is a byte count, a size ("512MB", "1.5GiB") or a
+    share of the model's weights ("10%").
     """
     return StreamedModel(model, path, budget, device, **kwargs)
