@@ -141,7 +141,7 @@ def test_refusals(saved, tmp_path):
     with pytest.raises(PackError, match="float16"):
         pack(s.path, str(tmp_path / "y"), dtype="int4")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(PackError, match="no .safetensors"):
+    with pytest.raises(PackError, match="no model.safetensors"):
         pack(str(tmp_path / "empty"), str(tmp_path / "z"))
 
 
@@ -240,3 +240,45 @@ def test_tampered_unit_table_is_named(saved, tmp_path):
         with pytest.raises(UnitTableCorrupt, match=says):
             unit_table(idx2)
     assert unit_table(with_table(table)) == unit_table(idx)
+
+
+def _tiny_gpt2_config():
+    from transformers import GPT2Config
+    return GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=512, n_positions=64)
+
+
+def test_hf_folder_packs_in_model_order_and_streams_checked(tmp_path):
+    from transformers import GPT2LMHeadModel
+
+    from layerstream.cli import main
+    torch.manual_seed(0)
+    GPT2LMHeadModel(_tiny_gpt2_config()).eval().save_pretrained(tmp_path / "hf", max_shard_size="100KB")
+    assert main(["pack", str(tmp_path / "hf"), "-o", str(tmp_path / "p"), "--max-unit", "64KiB"]) == 0
+    idx = read_index(tmp_path / "p" / "model.safetensors")
+    assert [u.name for u in unit_table(idx)][0].startswith("transformer.w")  # the embeddings run first
+    eager = GPT2LMHeadModel.from_pretrained(tmp_path / "p").eval()
+    ids = torch.randint(0, 512, (1, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = eager(ids).logits
+    with ls.from_pretrained(tmp_path / "p", budget="60%", max_unit=SMALL_UNIT) as sm:
+        for _ in range(4):
+            assert torch.equal(sm(ids).logits, want)
+        assert sm.verify and sum(len(c) for c in sm.checks.values()) > 0
+
+
+def test_base_checkpoint_in_head_model_is_checked_under_the_model_names(tmp_path):
+    from transformers import GPT2LMHeadModel, GPT2Model
+    torch.manual_seed(0)
+    GPT2Model(_tiny_gpt2_config()).eval().save_pretrained(tmp_path / "base")
+    out = str(tmp_path / "base.packed.safetensors")
+    pack(str(tmp_path / "base" / "model.safetensors"), out)
+    with ls.init_empty_weights():
+        head = GPT2LMHeadModel(_tiny_gpt2_config()).eval()
+    ids = torch.randint(0, 512, (1, 16), generator=torch.Generator().manual_seed(1))
+    with ls.stream(head, out, budget="60%", max_unit=SMALL_UNIT) as sm:
+        for _ in range(3):
+            sm(ids)
+        checked = {n for uid, lay in sm.layouts.items() for n, off in lay.tensor_offsets
+                   if any(c.slot_off <= off < c.slot_off + c.nbytes for c in sm.checks[uid])}
+        assert checked == {n for lay in sm.layouts.values() for n, _ in lay.tensor_offsets}
+        assert all(n.startswith("transformer.") for n in checked)

@@ -12,7 +12,6 @@ execution order for almost every sequential network.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -24,8 +23,9 @@ import xxhash
 
 from .budget import fmt_bytes
 from .capture import ST_TO_TORCH, TORCH_TO_ST
+from .checkpoint import read_checkpoint, shard_paths
 from .errors import BudgetError, LayerstreamError
-from .format import FileIndex, FileTensor, read_index
+from .format import FileIndex, FileTensor, NoWeightFile
 from .packfile import META_KEY, PackEntry, PackUnit, header_bytes, layout_pack
 
 COPY_CHUNK = 16 * 2**20
@@ -48,28 +48,13 @@ class PackResult:
     order: str  # "model" or "names"
 
 
-def source_tensors(src: str) -> tuple[dict[str, tuple[FileIndex, FileTensor]], dict[str, str]]:
-    """Every tensor of a safetensors file or a Hugging Face folder (sharded or not), and the metadata."""
-    if not os.path.isdir(src):
-        idx = read_index(src)
-        return {n: (idx, t) for n, t in idx.tensors.items()}, dict(idx.metadata)
-    index_json = os.path.join(src, "model.safetensors.index.json")
-    if os.path.exists(index_json):
-        with open(index_json) as f:
-            weight_map = json.load(f).get("weight_map", {})
-        shards = sorted(set(weight_map.values()))
-    else:
-        shards = sorted(f for f in os.listdir(src) if f.endswith(".safetensors"))
-    if not shards:
-        raise PackError(f"{src}: no .safetensors files in this folder; pass a safetensors file or a "
-                        "Hugging Face checkpoint folder")
-    out, meta = {}, {}
-    for shard in shards:
-        idx = read_index(os.path.join(src, shard))
-        meta.update(idx.metadata)
-        for n, t in idx.tensors.items():
-            out[n] = (idx, t)
-    return out, meta
+def source_tensors(src: str) -> tuple[FileIndex, dict[str, str]]:
+    """The validated index of a safetensors file or a Hugging Face folder (one virtual file if sharded)."""
+    try:
+        idx = read_checkpoint(src)
+    except NoWeightFile as e:
+        raise PackError(f"{e}; pack reads safetensors checkpoints only") from None
+    return idx, dict(idx.metadata)
 
 
 def _natural(name: str):
@@ -134,16 +119,14 @@ def pack(src: str | os.PathLike, out: str | os.PathLike, *, spec=None, dtype: st
     src, out = os.fspath(src), os.fspath(out)
     if dtype is not None and dtype not in DTYPES:
         raise PackError(f"dtype {dtype!r}: pack stores float32, float16 or bfloat16")
-    tensors, meta = source_tensors(src)
-    for idx in {id(i): i for i, _ in tensors.values()}.values():
-        if _same_file(idx.path, out):
-            raise PackError(f"{out} is pack's own input ({idx.path}); write the pack to another path")
+    index, meta = source_tensors(src)
+    for path in shard_paths(index):
+        if _same_file(path, out):
+            raise PackError(f"{out} is pack's own input ({path}); write the pack to another path")
     if os.path.exists(out) and not force:
         raise PackError(f"{out} exists; pass force=True (--force) to replace it")
-    if spec is not None and os.path.isdir(src):
-        raise PackError("ordering by a model needs a single safetensors file as the source: pack the "
-                        "folder without a model first (natural order), then pack that file with the model")
-    nbytes = {n: t.nbytes for n, (_, t) in tensors.items()}
+    tensors = index.tensors
+    nbytes = {n: t.nbytes for n, t in tensors.items()}
     if spec is not None:
         units = units_by_model(spec, src, max_unit)
         placed = {t for _, ts in units for t in ts}
@@ -157,7 +140,7 @@ def pack(src: str | os.PathLike, out: str | os.PathLike, *, spec=None, dtype: st
     target = DTYPES.get(dtype) if dtype else None
 
     def entry(n: str) -> PackEntry:
-        t = tensors[n][1]
+        t = tensors[n]
         dt = target if target and t.dtype in FLOAT_DTYPES else t.dtype
         return PackEntry(n, dt, t.shape, t.nbytes // _itemsize(t.dtype) * _itemsize(dt))
 
@@ -180,7 +163,7 @@ def pack(src: str | os.PathLike, out: str | os.PathLike, *, spec=None, dtype: st
                     h.update(bytes(gap))
                     f.seek(data_start + lay.offsets[n])
                     th = xxhash.xxh3_64()
-                    for chunk in _chunks(tensors[n], lay.entries[n].dtype, fds):
+                    for chunk in _chunks(index, tensors[n], lay.entries[n].dtype, fds):
                         f.write(chunk)
                         h.update(chunk)
                         th.update(chunk)
@@ -227,24 +210,25 @@ def _itemsize(dt: str) -> int:
     return torch.empty(0, dtype=ST_TO_TORCH[dt]).element_size()
 
 
-def _chunks(src: tuple[FileIndex, FileTensor], dtype: str, fds: dict[str, int]):
+def _chunks(index: FileIndex, t: FileTensor, dtype: str, fds: dict[str, int]):
     """The tensor's bytes in `dtype`: copied in chunks, or read whole and converted."""
-    idx, t = src
-    fd = fds.get(idx.path)
+    base, path = max(((b, p) for b, p in index.parts if b <= t.begin), default=(0, index.path))
+    fd = fds.get(path)
     if fd is None:
-        fd = fds[idx.path] = os.open(idx.path, os.O_RDONLY)
+        fd = fds[path] = os.open(path, os.O_RDONLY)
+
+    def read(n: int, off: int) -> bytes:
+        b = os.pread(fd, n, off - base)
+        if len(b) != n:
+            raise PackError(f"{path}: tensor {t.name!r} is cut short at byte {off - base + len(b)}; "
+                            "the file changed while packing")
+        return b
+
     if dtype == t.dtype:
         for off in range(t.begin, t.end, COPY_CHUNK):
-            n = min(COPY_CHUNK, t.end - off)
-            b = os.pread(fd, n, off)
-            if len(b) != n:
-                raise PackError(f"{idx.path}: tensor {t.name!r} is cut short at byte {off + len(b)}; "
-                                "the file changed while packing")
-            yield b
+            yield read(min(COPY_CHUNK, t.end - off), off)
         return
-    raw = bytearray(os.pread(fd, t.nbytes, t.begin))
-    if len(raw) != t.nbytes:
-        raise PackError(f"{idx.path}: tensor {t.name!r} is cut short; the file changed while packing")
+    raw = bytearray(read(t.nbytes, t.begin))
     x = torch.frombuffer(raw, dtype=ST_TO_TORCH[t.dtype]) if raw else torch.empty(0, dtype=ST_TO_TORCH[t.dtype])
     conv = x.to(ST_TO_TORCH[dtype])
     assert TORCH_TO_ST[conv.dtype] == dtype

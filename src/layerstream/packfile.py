@@ -162,6 +162,23 @@ def unit_table(index: FileIndex) -> tuple[PackUnit, ...] | None:
     return tuple(units)
 
 
+def rename_units(table: tuple[PackUnit, ...], original: FileIndex, renamed: FileIndex) -> tuple[PackUnit, ...]:
+    """The table in `renamed`'s names (the same file, tensors renamed to a model's), matched by offset.
+
+    A tensor the renaming dropped keeps its file name: no stream unit holds it, so nothing checks it.
+    """
+    if renamed.tensors.keys() == original.tensors.keys():
+        return table
+    by_span = {(t.begin, t.end): n for n, t in renamed.tensors.items()}
+
+    def new(name: str) -> str:
+        t = original.tensors[name]
+        return by_span.get((t.begin, t.end), name)
+
+    return tuple(PackUnit(u.name, tuple(new(t) for t in u.tensors), u.begin, u.end, u.digest, u.tensor_digests)
+                 for u in table)
+
+
 @dataclass(frozen=True)
 class Check:
     """Bytes of a unit's slot whose xxh3-64 must equal `digest` once the read has landed."""

@@ -18,6 +18,7 @@ from .format import FileIndex
 from .layout import unit_layout
 from .measure import disk_read_bps
 from .outputs import tensors_of
+from .packfile import checks_for, rename_units, unit_table
 from .plan import Plan, plan_fill
 from .plan.calibrate import calibrate_read_bps
 from .plan.cost import CostModel, costs_from_record, with_read_tax
@@ -117,7 +118,7 @@ class StreamedModel(nn.Module):
 
     def __init__(self, model: nn.Module, path: str | os.PathLike | FileIndex, budget="10%", device="cpu", *,
                  plan: Plan | None = None, max_unit: int | None = None, reader: str = "auto",
-                 io: str = "auto", workers: int = DEFAULT_WORKERS, trace: bool = True):
+                 io: str = "auto", workers: int = DEFAULT_WORKERS, trace: bool = True, verify: bool = True):
         super().__init__()
         self.device = torch.device(device)
         if self.device.type not in ("cpu", "cuda"):
@@ -134,6 +135,9 @@ class StreamedModel(nn.Module):
         index = path if isinstance(path, FileIndex) else read_checkpoint(path)
         self.index = align_to_model(index, model)
         self.path = index.path if isinstance(path, FileIndex) else os.fspath(path)
+        table = unit_table(index)  # a packed file's checksummed units, else None
+        self.unit_table = rename_units(table, index, self.index) if table else None
+        self.verify = verify and self.unit_table is not None
         self.weight_bytes = model_weight_bytes(model)
         self.budget_bytes = parse_budget(budget, self.weight_bytes)
         self.max_unit = max_unit or default_max_unit(self.budget_bytes)
@@ -186,6 +190,8 @@ class StreamedModel(nn.Module):
         self.cap = cap
         self.layouts = {u.uid: unit_layout(u, self.index) for u in cap.program.units}
         self.sizes = {u: lay.slot_nbytes for u, lay in self.layouts.items()}
+        self.checks = ({u: checks_for(lay, self.unit_table, self.index) for u, lay in self.layouts.items()}
+                       if self.verify else {})
 
     # The hooks look the executor up at call time, so a re-plan swaps it without touching hooks.
     def _pre_hook(self, path: str):
@@ -201,7 +207,8 @@ class StreamedModel(nn.Module):
             from .runtime.device import CudaStage
             host = max([plan.ring_bytes] + [self.sizes[u] for u, _ in plan.resident] + [4096])
             self._stage = CudaStage(self.device, host)
-        self._exec = Executor(self.cap, self.layouts, plan, self._arena, self._io, self.trace, self._stage)
+        self._exec = Executor(self.cap, self.layouts, plan, self._arena, self._io, self.trace, self._stage,
+                              self.checks)
 
     def _stop(self) -> None:
         if self._exec is not None:
