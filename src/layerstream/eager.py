@@ -7,21 +7,36 @@ from safetensors import safe_open
 from torch import nn
 
 from .capture import match_file
-from .format import read_index
+from .checkpoint import read_checkpoint
 
 
 def load_eager(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Materialise every parameter and persistent buffer of `model` (built on meta) from `path`.
 
-    Uses the same name matching as streaming, so tied weights stay tied and mismatches raise the same
-    WeightMismatch. Returns the model, now holding all its weights in memory.
+    `path` is a safetensors file or a Hugging Face folder (sharded or not), with names matched to the
+    model as streaming matches them, so tied weights stay tied and mismatches raise the same
+    WeightMismatch. Tensors come from safetensors' own loader, shard by shard, so they sit in memory as
+    that loader puts them. Returns the model, now holding all its weights in memory.
     """
-    index = read_index(path)
+    from .pretrained import align_to_model
+
+    raw = read_checkpoint(path)
+    index = align_to_model(raw, model)
     _, owners, _, _ = match_file(model, index)
-    with safe_open(os.fspath(path), framework="pt") as f:
-        for name, places in owners.items():
-            t = f.get_tensor(name)
-            holder = nn.Parameter(t, requires_grad=False) if places[0].is_param else t
-            for o in places:
-                o.assign(holder)
+    # Back from the model's names to each tensor's shard and stored name (renaming keeps offsets).
+    stored = {(t.begin, t.end): n for n, t in raw.tensors.items()}
+    parts = sorted(raw.parts) or [(0, raw.path)]
+    by_shard: dict[str, list[tuple[str, str]]] = {}
+    for name in owners:
+        t = index.tensors[name]
+        shard = max((p for p in parts if p[0] <= t.begin), key=lambda p: p[0])[1]
+        by_shard.setdefault(shard, []).append((name, name if name in raw.tensors else stored[(t.begin, t.end)]))
+    for shard, names in by_shard.items():
+        with safe_open(shard, framework="pt") as f:
+            for name, file_name in names:
+                t = f.get_tensor(file_name)
+                places = owners[name]
+                holder = nn.Parameter(t, requires_grad=False) if places[0].is_param else t
+                for o in places:
+                    o.assign(holder)
     return model
