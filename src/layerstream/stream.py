@@ -4,13 +4,12 @@ from __future__ import annotations
 import os
 import threading
 import time
-from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from .budget import fmt_bytes, parse_budget
+from .budget import parse_budget
 from .capture import ST_TO_TORCH, capture, fuse
 from .checkpoint import read_checkpoint, shard_paths
 from .errors import ClosedError, ModelError
@@ -24,6 +23,7 @@ from .plan.calibrate import calibrate_read_bps
 from .plan.cost import CostModel, costs_from_record, with_read_tax
 from .plan.greedy import plan_greedy
 from .plan.simulate import Prediction, simulate
+from .report import Report  # noqa: F401 - its home was here; imported from here too
 from .pretrained import align_to_model
 from .runtime.arena import Arena
 from .runtime.executor import Executor
@@ -54,57 +54,6 @@ def model_weight_bytes(model: nn.Module) -> int:
                 seen.add(id(t))
                 total += t.numel() * t.element_size()
     return total
-
-
-@dataclass
-class Report:
-    """What streaming cost: per-call latency, memory, reads and stalls."""
-
-    calls: int
-    latency_ms: float  # the last call
-    latency_ms_all: list[float]
-    weight_bytes: int  # the whole model, what preloading would hold
-    budget_bytes: int
-    arena_bytes: int  # allocated once, <= budget
-    arena_peak_bytes: int  # the arena's own accounting of live bytes
-    resident_bytes: int
-    ring_bytes: int
-    bytes_read: int  # all calls, resident loads included
-    bytes_read_last_call: int
-    stall_ms: float  # compute waiting for reads, last call
-    demand_misses: int  # all calls
-    units: int
-    loads_per_call: int
-    reader: str  # "direct/aio", "direct/threads" or "buffered/threads" (the filesystem refused O_DIRECT)
-    planner: str  # "fill" until a call has been timed, then "greedy" if its simulation was faster
-    predicted_ms: float | None  # the simulator's warm latency for the plan in use (after the second call)
-    read_bps: float | None  # the reader's speed on this file, measured for the cost model
-    notes: list[str] = field(default_factory=list)
-    generation: GenerationStats | None = None  # the last generate(): tokens/s, its bound, KV cache bytes
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
-    def __str__(self) -> str:
-        rows = [
-            ("calls", f"{self.calls}"),
-            ("latency (last call)", f"{self.latency_ms:.1f} ms"),
-            ("weights", fmt_bytes(self.weight_bytes)),
-            ("budget", fmt_bytes(self.budget_bytes)),
-            ("arena (peak used)", f"{fmt_bytes(self.arena_bytes)} ({fmt_bytes(self.arena_peak_bytes)})"),
-            ("resident / ring", f"{fmt_bytes(self.resident_bytes)} / {fmt_bytes(self.ring_bytes)}"),
-            ("read (last call / all)", f"{fmt_bytes(self.bytes_read_last_call)} / {fmt_bytes(self.bytes_read)}"),
-            ("stall (last call)", f"{self.stall_ms:.1f} ms"),
-            ("demand misses", f"{self.demand_misses}"),
-            ("units / loads per call", f"{self.units} / {self.loads_per_call}"),
-            ("reader", self.reader),
-            ("plan (predicted)", f"{self.planner}" + (f" ({self.predicted_ms:.1f} ms at "
-                                 f"{self.read_bps / 1e9:.2f} GB/s)" if self.predicted_ms else "")),
-        ]
-        if self.generation is not None:
-            rows += self.generation.rows()
-        w = max(len(k) for k, _ in rows)
-        return "\n".join([f"{k:<{w}}  {v}" for k, v in rows] + [f"note: {n}" for n in self.notes])
 
 
 class StreamedModel(nn.Module):
