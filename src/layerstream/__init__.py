@@ -8,9 +8,10 @@ from .meta import build_empty, init_empty_weights
 from .plan import Plan
 from .pretrained import from_pretrained
 from .stream import Report, StreamedModel, stream
+from .session import Session
 
 __all__ = [
-    "stream", "from_pretrained", "StreamedModel", "load_eager", "Report", "Plan", "init_empty_weights",
+    "stream", "from_pretrained", "StreamedModel", "Session", "load_eager", "Report", "Plan", "init_empty_weights",
     "build_empty", "parse_budget", "parse_bytes",
     "LayerstreamError", "BudgetError", "WeightMismatch", "MetaBufferError", "ReadError", "ModelError",
     "ClosedError", "FormatError", "CheckpointError",

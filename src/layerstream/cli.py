@@ -185,6 +185,14 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--force", action="store_true", help="replace OUT if it exists")
     q.set_defaults(fn=cmd_pack)
 
+    q = sub.add_parser("session", help="several models under one budget: run a workload file (TOML)")
+    q.add_argument("workload", help="WORKLOAD.toml: [[model]] tables, budget, cycle or sequence, repeats")
+    q.add_argument("--budget", help="instead of the file's: bytes, '512MB', or '25%%' of the largest model")
+    q.add_argument("--repeats", type=int, help="instead of the file's repeats")
+    q.add_argument("--json", help="write the per-model and total figures, and every cycle's latency, as JSON")
+    q.add_argument("--check", action="store_true", help="compare each model's last output with its eager output")
+    q.set_defaults(fn=lambda a: __import__("layerstream.session_cli", fromlist=["x"]).cmd_session(a))
+
     q = sub.add_parser("demo", help="stream a zoo model at 10%% of its weights beside the eager model")
     q.add_argument("--model", default="zoo:resnet50")
     q.add_argument("--weights", default=None)

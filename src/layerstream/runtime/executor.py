@@ -10,10 +10,15 @@ overlaps its bytes. When compute needs a unit that is not the next planned load 
 control flow, a first call whose order differs from the guess) it skips ahead within the call if the
 unit is planned later, or else reads it synchronously into a free gap of the ring (a *demand miss*),
 dropping the furthest-ahead prefetches if it must. Correctness never depends on the plan.
+
+In a Session several executors share one ring, one call at a time (`call_only`): an executor never reads
+past its own call, sees the other models' loads as taken ring bytes (`others`), and lets the session
+fill the ring with the next model's first loads (`prefetch`) or take them back (`drop_prefetched`).
 """
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable, Iterable
 
 import torch
 import xxhash
@@ -68,6 +73,12 @@ class Executor:
         self.stats = Stats()
         self.issue_idx = self.consume_idx = 0
         self.serial = False  # profiling: issue each load only when compute asks, so none overlaps compute
+        # Session: the ring is shared, so read only this call's loads; the session prefetches the next model.
+        self.call_only = False
+        self.call_end = self.n  # planned index past this call's last load
+        self.others: Callable[[], Iterable[Load]] = tuple  # other models' loads in the shared ring
+        self.on_ring_full: Callable[[], bool] | None = None  # frees others' prefetches; True if it freed any
+        self.after_release: Callable[[], None] | None = None  # after a release (the session's tail prefetch)
         self.inflight: dict[int, Load] = {}  # planned index -> issued load not yet consumed
         self.live: list[Load] = []  # loads holding ring bytes
         self.bound: dict[int, Load] = {}  # unit id -> ring load bound to its tensors
@@ -109,22 +120,48 @@ class Executor:
                 released = True
         if released:
             self._pump()
+            if self.after_release is not None:
+                self.after_release()
 
     def begin_call(self) -> None:
         self.t_call = (Trace.now(), 0)
         self.recorded = []
         self.active.clear()
+        self._align()
+        self._pump()
+
+    def _align(self) -> None:
         if self.n and self.consume_idx % self.n:  # last call ended mid-cycle: realign to a call start
             self._drop_from(self.consume_idx)
             self.consume_idx = self.issue_idx = -(-self.consume_idx // self.n) * self.n
-        self._pump()
+        self.call_end = self.consume_idx + self.n
 
     def end_call(self) -> None:
         self.t_call = (self.t_call[0], Trace.now())
         for load in list(self.bound.values()):
             self._release(load)
         self.bound.clear()
-        self._pump()  # the next call's first loads read during the gap between calls
+        if not self.call_only:
+            self._pump()  # the next call's first loads read during the gap between calls
+
+    # ---- a shared ring (Session) --------------------------------------------------------------
+    def prefetch(self) -> None:
+        """Issue the next call's first loads into ring bytes that no load (of any model) holds."""
+        self._align()
+        self._pump()
+
+    @property
+    def issued_all(self) -> bool:
+        """Every load of this call is issued: ring bytes it does not hold now it will not need again."""
+        return self.issue_idx >= self.call_end
+
+    def drop_prefetched(self) -> int:
+        """Give back the ring bytes of every issued, unconsumed load (after its reads land); how many."""
+        n = len(self.inflight)
+        for k in sorted(self.inflight):
+            self._drop(self.inflight.pop(k))
+        self.issue_idx = self.consume_idx
+        return n
 
     # ---- acquiring and releasing --------------------------------------------------------------
     def _acquire(self, uid: int) -> None:
@@ -196,7 +233,8 @@ class Executor:
     # ---- issuing reads --------------------------------------------------------------------------
     def _pump(self) -> None:
         """Issue planned loads in order while their ring bytes are free, up to one call ahead."""
-        while not self.serial and self.n and self.issue_idx < self.consume_idx + self.n:
+        end = self.call_end if self.call_only else self.consume_idx + self.n
+        while not self.serial and self.n and self.issue_idx < end:
             if self._overlaps(*self._place(self.issue_idx)):
                 return
             self._issue(self.issue_idx)
@@ -219,7 +257,8 @@ class Executor:
 
     def _overlaps(self, off: int, nbytes: int) -> bool:
         end = off + nbytes
-        return any(ld.off < end and off < ld.off + ld.nbytes for ld in self.live)
+        return (any(ld.off < end and off < ld.off + ld.nbytes for ld in self.live)
+                or any(ld.off < end and off < ld.off + ld.nbytes for ld in self.others()))
 
     def _submit(self, load: Load) -> None:
         """Split the unit's extents into chunks and hand them to the I/O backend."""
@@ -289,6 +328,8 @@ class Executor:
             if idle:  # bound, but none of its roots is running: its window outlived its use (an odd order)
                 self._release(self.bound.pop(idle[0].uid))
                 continue
+            if self.on_ring_full is not None and self.on_ring_full():
+                continue  # the next model's prefetches gave the ring back (before this call's own)
             if not self.inflight:
                 held = ", ".join(f"{self.units[ld.uid].name} ({fmt_bytes(ld.nbytes)})" for ld in self.live)
                 raise BudgetError(
@@ -302,7 +343,7 @@ class Executor:
 
     def _free_gap(self, nbytes: int) -> int | None:
         pos = 0
-        for ld in sorted(self.live, key=lambda x: x.off):
+        for ld in sorted([*self.live, *self.others()], key=lambda x: x.off):
             if ld.off - pos >= nbytes:
                 return pos
             pos = max(pos, ld.off + ld.nbytes)
@@ -331,6 +372,16 @@ class Executor:
         if self.stage is None:  # all at once; staged loads share the pinned buffer, so one by one
             for load in loads:
                 self._submit(load)
+        try:
+            self._bind_resident(loads)
+        except BaseException:  # a shared arena outlives this executor: wait, then give its bytes back
+            held = [ld for ld in loads if self.stage is None or ld.pending or ld.done.is_set()]
+            for load in held:
+                self.io.wait(load)
+            self.arena.drop(sum(ld.nbytes for ld in held))
+            raise
+
+    def _bind_resident(self, loads: list[Load]) -> None:
         for load in loads:
             if self.stage is not None:
                 self._submit(load)
@@ -346,6 +397,8 @@ class Executor:
         for load in list(self.inflight.values()):
             self.io.wait(load)
         self.inflight.clear()
+        # Give the arena's accounting back: a Session's arena outlives its executors.
+        self.arena.drop(sum(ld.nbytes for ld in self.live) + sum(self.sizes[u] for u, _ in self.plan.resident))
         for name, owners in self.cap.owners.items():
             for o in owners:
                 o.assign(self.cap.originals[name])
