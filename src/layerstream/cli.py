@@ -46,19 +46,34 @@ def cmd_run(a) -> int:
 def cmd_bench(a) -> int:
     from .bench import bench, table
     from .models import resolve, weights_for
+    from .peers import PEERS
 
     spec = resolve(a.model)
     weights = weights_for(a.model, spec, a.weights)
-    result = bench(a.model, str(weights), a.budget or ["10%", "25%"], repeat=a.repeat, log=_log,
-                   io=getattr(a, "io", "auto"), device=getattr(a, "device", "cpu"))
-    print(f"\n{a.model}: {spec.description}; weights {result['weight_bytes'] / 1e6:.0f} MB, "
-          f"disk {result['disk_read_bps'] / 1e9:.2f} GB/s (O_DIRECT, measured before each streamed run)\n")
+    mode, baselines = getattr(a, "mode", "warm"), getattr(a, "baselines", False)
+    repeat = a.repeat if a.repeat is not None else (5 if mode == "warm" else 3)
+    result = bench(a.model, str(weights), a.budget or ["10%", "25%"], repeat=repeat, log=_log,
+                   io=getattr(a, "io", "auto"), device=getattr(a, "device", "cpu"), mode=mode, baselines=baselines)
+    disk = f"{result['disk_read_bps'] / 1e9:.2f} GB/s" if result["disk_read_bps"] else "not measured"
+    print(f"\n{a.model}: {spec.description}; weights {result['weight_bytes'] / 1e6:.0f} MB, disk {disk} "
+          f"(measured before each run); {mode}" + (": page cache evicted before each run, first output timed"
+                                                  if mode == "cold" else "") + "\n")
     print(table(result))
     if a.json:
         with open(a.json, "w") as f:
             json.dump(result, f, indent=1)
         _log(f"results written to {a.json}")
-    return 0 if all(r["outputs_equal"] for r in result["runs"]) else 1
+    if getattr(a, "results", None):
+        import shlex
+
+        from .benchreport import write_results
+        cmd = ["layerstream", "bench", a.model, "--mode", mode] + (["--baselines"] if baselines else [])
+        cmd += [x for b in a.budget or [] for x in ("--budget", b)] + ["--repeat", str(repeat)]
+        cmd += (["--weights", a.weights] if a.weights else []) + (["--device", a.device] if a.device != "cpu" else [])
+        md, png = write_results(a.results, result, shlex.join(cmd))
+        _log(f"section written to {md}, picture to {png}")
+    # A peer's wrong outputs are a finding to report, not a failure of this command.
+    return 0 if all(r["outputs_equal"] for r in result["runs"] if r["system"] not in PEERS) else 1
 
 
 def cmd_tradeoff(a) -> int:
@@ -157,10 +172,18 @@ def main(argv: list[str] | None = None) -> int:
     q = sub.add_parser("bench", help="eager and streamed side by side, each in a fresh process")
     model_args(q)
     q.add_argument("--budget", action="append", help="repeatable (default: 10%% and 25%%)")
-    q.add_argument("--repeat", type=int, default=5, help="warm calls per configuration (default 5)")
+    q.add_argument("--repeat", type=int, default=None,
+                   help="warm calls per configuration (default 5); with --mode cold, cold starts (default 3)")
     q.add_argument("--json", help="write the results as JSON to this file")
     q.add_argument("--io", choices=["auto", "aio", "threads", "both"], default="auto",
                    help="I/O backend for the streamed runs; 'both' runs each budget with each")
+    q.add_argument("--mode", choices=["warm", "cold"], default="warm",
+                   help="warm: repeated calls (default); cold: weight file evicted from the page cache, the first "
+                   "output timed from the start of loading (imports and building timed apart)")
+    q.add_argument("--baselines", action="store_true",
+                   help="also run load-then-run, accelerate-disk and diffusers-group-disk (pip install -e '.[bench]')")
+    q.add_argument("--results", metavar="MD", help="put this model's section (table, command) into this markdown "
+                   "file, e.g. benchmarks/RESULTS.md, and draw its PNG beside it")
     q.set_defaults(fn=cmd_bench)
 
     q = sub.add_parser("tradeoff", help="the memory-latency frontier: predicted (and measured) latency per budget")
