@@ -126,6 +126,11 @@ def cmd_pack(a) -> int:
     from .pack import describe, pack, pack_folder
 
     spec = resolve(a.model) if a.model else None
+    if spec is None and os.path.isfile(os.path.join(a.src, "config.json")):
+        try:  # a Hugging Face folder names its own model: order by a real call of it
+            spec = resolve(a.src)
+        except LayerstreamError as e:
+            _log(f"not ordering by the model ({e}); packing in name order")
     shown = [-1]
 
     def progress(done: int, total: int) -> None:
