@@ -13,12 +13,6 @@ from .types import Plan, check_budget, make_plan
 READ_AHEAD_UNITS = 3  # ring target, in multiples of the largest streamed unit
 
 
-def _ring_target(streamed_sizes: list[int]) -> int:
-    if not streamed_sizes:
-        return 0
-    return min(READ_AHEAD_UNITS * max(streamed_sizes), sum(streamed_sizes))
-
-
 def plan_fill(program: Program, sizes: dict[int, int], budget: int) -> Plan:
     """Plan `program` under `budget` bytes of arena; `sizes` maps unit id -> slot bytes."""
     check_budget(program, sizes, budget)
@@ -27,20 +21,28 @@ def plan_fill(program: Program, sizes: dict[int, int], budget: int) -> Plan:
     candidates = sorted((u for u in used if u not in pinned), key=lambda u: (-sizes[u], u))
     resident = list(pinned)
     res_bytes = sum(sizes[u] for u in resident)
-    streamed = set(candidates)
-
-    def step_sizes(stream: set[int]) -> list[int]:
-        return [sizes[u] for u in program.steps if u in stream]
-
-    for u in candidates:
-        rest = streamed - {u}
+    loads_of: dict[int, int] = {}
+    for u in program.steps:
+        loads_of[u] = loads_of.get(u, 0) + 1
+    # Running totals over the streamed units, so each candidate costs O(1) (a thousand units: milliseconds).
+    step_bytes = sum(sizes[u] * loads_of[u] for u in candidates)  # bytes streamed per call
+    unit_bytes = sum(sizes[u] for u in candidates)  # what keeping them all resident would cost
+    rejected: list[int] = []  # candidates kept streamed, largest first
+    for i, u in enumerate(candidates):
+        rest_steps = step_bytes - sizes[u] * loads_of[u]
+        rest_units = unit_bytes - sizes[u]
+        # the largest unit left streaming: a rejected one (they came first), else the next candidate
+        largest = sizes[rejected[0]] if rejected else (sizes[candidates[i + 1]] if i + 1 < len(candidates) else 0)
         # The ring never needs more than keeping all of `rest` resident would cost (a unit loaded
         # several times per call counts once there), so a budget that holds everything streams nothing.
-        ring_need = min(_ring_target(step_sizes(rest)), sum(sizes[x] for x in rest))
+        ring_need = min(READ_AHEAD_UNITS * largest, rest_steps, rest_units)
         if res_bytes + sizes[u] + ring_need <= budget:
             resident.append(u)
             res_bytes += sizes[u]
-            streamed = rest
-    loads = [u for u in program.steps if u in streamed]
+            step_bytes, unit_bytes = rest_steps, rest_units
+        else:
+            rejected.append(u)
+    kept = set(resident)
+    loads = [u for u in program.steps if u not in kept]
     ring = min(budget - res_bytes, sum(sizes[u] for u in loads)) if loads else 0
     return make_plan(budget, resident, loads, sizes, ring - ring % 4096, "fill")

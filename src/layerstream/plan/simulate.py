@@ -6,9 +6,14 @@ serves loads one after another (reads in flight share its bandwidth, so FIFO ser
 finish times for the queue as a whole); compute of a step waits for its load; a step's unit is
 released when its compute ends. Calls run back to back, so the next call's first loads read during
 this call's tail, as in the runtime.
+
+Planners call it hundreds of times per plan, so it is linear in the loads: releases happen in load
+order, so of the earlier loads sharing a load's ring bytes only the nearest one can be the last to
+free them, and which one that is depends only on the plan (computed once, not once per load per call).
 """
 from __future__ import annotations
 
+from bisect import bisect_left
 from dataclasses import dataclass
 
 from ..units import Program
@@ -24,65 +29,148 @@ class Prediction:
     peak_bytes: int  # arena bytes live at once, at most
 
 
-def simulate(program: Program, sizes: dict[int, int], costs: CostModel, plan: Plan, calls: int = 3) -> Prediction:
-    """Predict `plan` over `calls` back-to-back calls; report the last (a warm call in steady state)."""
+@dataclass(frozen=True)
+class Timeline:
+    """Every event time of a simulated run (absolute seconds from the first call's start).
+
+    The CP-SAT planner starts its search from the greedy plan's schedule; this is that schedule.
+    """
+
+    latency_s: float  # the last call
+    stalls_s: tuple[float, ...]  # the last call, per step
+    call_start_s: float  # the last call's start
+    compute_start_s: tuple[float, ...]  # the last call, per step: when its compute started
+    load_of_step: tuple[int, ...]  # the last call, per step: absolute load index, -1 if resident
+    issued_s: tuple[float, ...]  # per absolute load: ring bytes free, read may start
+    read_start_s: tuple[float, ...]  # per absolute load: the disk starts it
+    released_s: tuple[float, ...]  # per absolute load: its step's compute ended
+    load_bytes: tuple[int, ...]  # per absolute load
+
+
+def _nearest_sharer(offs: list[int], lsize: list[int], ring: int) -> list[int]:
+    """Per load i: how many loads back (cyclically) the nearest earlier load sharing its ring bytes is, or 0.
+
+    Only loads within the last lap of the ring count (as in the executor, which looks back until the
+    bytes it passed cover the ring). Found by painting the ring with load indices over two laps and
+    asking, in the second, which index last painted any of the load's bytes.
+    """
+    n = len(offs)
+    starts: list[int] = []  # painted segments, sorted and disjoint: [starts[k], ends[k]) by idxs[k]
+    ends: list[int] = []
+    idxs: list[int] = []
+    prefix = [0] * (2 * n + 1)  # bytes of loads 0..j-1 over the two laps
+    for j in range(2 * n):
+        prefix[j + 1] = prefix[j] + lsize[j % n]
+    out = [0] * n
+    for j in range(2 * n):
+        i = j % n
+        a = offs[i]
+        b = a + lsize[i]
+        lo = k = bisect_left(ends, a + 1)  # first segment ending after a
+        last = -1
+        while k < len(starts) and starts[k] < b:
+            if idxs[k] > last:
+                last = idxs[k]
+            k += 1
+        if j >= n and last >= 0 and prefix[j] - prefix[last + 1] < ring:
+            out[i] = j - last
+        # repaint [a, b) with j, keeping the parts of the overlapped segments outside it
+        if lo == k:
+            starts.insert(lo, a), ends.insert(lo, b), idxs.insert(lo, j)
+            continue
+        head = (starts[lo], a, idxs[lo]) if starts[lo] < a else None
+        tail = (b, ends[k - 1], idxs[k - 1]) if ends[k - 1] > b else None
+        segs = [x for x in (head, (a, b, j), tail) if x is not None]
+        starts[lo:k] = [x[0] for x in segs]
+        ends[lo:k] = [x[1] for x in segs]
+        idxs[lo:k] = [x[2] for x in segs]
+    return out
+
+
+def _run(program: Program, sizes: dict[int, int], costs: CostModel, plan: Plan, calls: int,
+         record: bool = True) -> Timeline | float:
+    """The run's Timeline, or only the last call's latency when not `record`ing (what planners need)."""
     resident = plan.resident_ids
-    steps = program.steps
     n_load = len(plan.loads)
     offs = [off for _, off in plan.loads]
     lsize = [sizes[u] for u, _ in plan.loads]
+    read_s = [costs.read_s(s) for s in lsize]
+    sharer = _nearest_sharer(offs, lsize, plan.ring_bytes) if n_load else []
+    scale = costs.compute_scale(sum(lsize))  # compute slowed by the bytes this plan reads per call
+    work = [(uid in resident, c * scale) for uid, c in zip(program.steps, costs.compute_s)]
+    pre = costs.pre_s * scale
     released: list[float] = []  # per absolute load index
     issued: list[float] = []
+    started: list[float] = []
     done: list[float] = []
-    disk_free = 0.0
-    t = 0.0
-    call_start = 0.0
-    stalls: list[float] = []
-    k = 0  # next load to consume (absolute index)
-
-    def issue(j: int) -> None:
-        """Issue load j: after the previous occupants of its bytes are released, and in order."""
-        nonlocal disk_free
-        off, s = offs[j % n_load], lsize[j % n_load]
-        t_issue = issued[-1] if issued else 0.0
-        back, covered = j - 1, 0
-        while back >= 0 and covered < plan.ring_bytes:  # only the last lap can overlap
-            bi = back % n_load
-            if offs[bi] < off + s and off < offs[bi] + lsize[bi]:
-                t_issue = max(t_issue, released[back])
-            covered += lsize[bi]
-            back -= 1
-        if j >= n_load:  # at most one call ahead: load j waits for load j - n to be consumed
-            t_issue = max(t_issue, consumed[j - n_load])
-        issued.append(t_issue)
-        start = max(t_issue, disk_free)
-        disk_free = start + costs.read_s(s)
-        done.append(disk_free)
-
     consumed: list[float] = []
-    scale = costs.compute_scale(sum(lsize))  # compute slowed by the bytes this plan reads per call
-    for c in range(calls):
+    disk_free = 0.0
+    t = call_start = 0.0
+    stalls: list[float] = []
+    starts: list[float] = []
+    load_of: list[int] = []
+    k = 0  # next load to consume (absolute index)
+    for _ in range(calls):
         call_start = t
-        t += costs.pre_s * scale
-        stalls = []
-        for i, uid in enumerate(steps):
-            stall = 0.0
-            if uid not in resident:
-                while len(issued) <= k:
-                    released.append(float("inf"))  # placeholder until its step releases it
-                    issue(len(issued))
-                stall = max(0.0, done[k] - t)
-                t = max(t, done[k])
-                consumed.append(t)
-            stalls.append(stall)
-            t += costs.compute_s[i] * scale
-            if uid not in resident:
-                released[k] = t
-                k += 1
-    events = sorted([(issued[j], lsize[j % n_load]) for j in range(len(issued))]
-                    + [(released[j], -lsize[j % n_load]) for j in range(len(issued))], key=lambda e: (e[0], e[1]))
+        t += pre
+        stalls, starts, load_of = [], [], []
+        for is_resident, compute in work:
+            if is_resident:
+                if record:
+                    stalls.append(0.0)
+                    starts.append(t)
+                    load_of.append(-1)
+                t += compute
+                continue
+            while len(issued) <= k:  # issue load j: in order, after its ring bytes are free, one call ahead
+                j = len(issued)
+                released.append(float("inf"))  # placeholder until its step releases it
+                t_issue = issued[-1] if issued else 0.0
+                d = sharer[j % n_load]
+                if d and j >= d and released[j - d] > t_issue:
+                    t_issue = released[j - d]
+                if j >= n_load and consumed[j - n_load] > t_issue:
+                    t_issue = consumed[j - n_load]
+                issued.append(t_issue)
+                start = t_issue if t_issue > disk_free else disk_free
+                started.append(start)
+                disk_free = start + read_s[j % n_load]
+                done.append(disk_free)
+            ready = done[k]
+            if record:
+                stalls.append(ready - t if ready > t else 0.0)
+                starts.append(t if t > ready else ready)
+                load_of.append(k)
+            if ready > t:
+                t = ready
+            consumed.append(t)
+            t += compute
+            released[k] = t
+            k += 1
+    if not record:
+        return t - call_start
+    return Timeline(t - call_start, tuple(stalls), call_start, tuple(starts), tuple(load_of), tuple(issued),
+                    tuple(started), tuple(released), tuple(lsize[j % n_load] for j in range(len(issued))))
+
+
+def latency(program: Program, sizes: dict[int, int], costs: CostModel, plan: Plan, calls: int = 3) -> float:
+    """`simulate(...).latency_s` without the peak-bytes sweep: what planners compare candidates by."""
+    return _run(program, sizes, costs, plan, calls, record=False)
+
+
+def timeline(program: Program, sizes: dict[int, int], costs: CostModel, plan: Plan, calls: int = 3) -> Timeline:
+    """Every event time of `calls` back-to-back calls of `plan`."""
+    return _run(program, sizes, costs, plan, calls)
+
+
+def simulate(program: Program, sizes: dict[int, int], costs: CostModel, plan: Plan, calls: int = 3) -> Prediction:
+    """Predict `plan` over `calls` back-to-back calls; report the last (a warm call in steady state)."""
+    tl = _run(program, sizes, costs, plan, calls)
+    events = sorted([(tl.issued_s[j], tl.load_bytes[j]) for j in range(len(tl.issued_s))]
+                    + [(tl.released_s[j], -tl.load_bytes[j]) for j in range(len(tl.issued_s))],
+                    key=lambda e: (e[0], e[1]))
     live = peak = 0
     for _, delta in events:  # releases sort before issues at the same instant, as in the runtime
         live += delta
         peak = max(peak, live)
-    return Prediction(t - call_start, sum(stalls), tuple(stalls), plan.ring_offset + peak)
+    return Prediction(tl.latency_s, sum(tl.stalls_s), tl.stalls_s, plan.ring_offset + peak)

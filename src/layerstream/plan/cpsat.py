@@ -1,0 +1,371 @@
+"""The exact planner: a CP-SAT model of one warm call, which improves on greedy and proves a bound.
+
+The model (OR-Tools CP-SAT; times in integer quanta of the call's serial worst case / RESOLUTION):
+  - a Boolean per unit the call uses: resident or streamed (pinned units are always resident);
+  - per step, a compute interval of its fixed length, one after another, the call's period T after
+    the last;
+  - per streamed step, an optional read interval (present iff its unit streams) that ends before its
+    compute starts and starts no earlier than a period before that (the runtime reads at most one
+    call ahead); reads share one no-overlap channel (the disk serves one read at a time), in step
+    order, the next call's first read after this call's last;
+  - per streamed step, an optional memory interval from its read's start to its compute's end, and
+    per resident unit one over the whole horizon, under a cumulative constraint: the arena's bytes
+    in use never exceed the budget;
+  - every read and memory interval also shifted by T, so the next call's loads that start during
+    this call's tail (as they do in steady state) count against this call's disk time and memory;
+  - objective: minimise T, the period of the steady state of repeated calls (a warm call's latency).
+
+What its lower bound means. Every periodic schedule the runtime could follow with a resident set and
+a ring is a solution of this model, so the model's optimum is a lower bound on the warm latency of
+*any* plan under the budget, as the simulator predicts it in steady state. It is a relaxation: it
+allows any placement of loaded bytes (the ring's fixed offsets may not fit a schedule the cumulative
+allows), reads may start before their ring bytes are freed in FIFO order, and the read tax is
+only charged to the call as a whole. Durations are rounded down to whole quanta and shortened by one
+(so that rounding can never make a real schedule infeasible here), so the bound is low by at most a
+quantum per step. The bound is CP-SAT's proven bound on the model's optimum, so when the solver
+stops at its time limit it is weaker still, and it says nothing about the disk or the device being
+slower than the cost model says. The simulator reports the third of three back-to-back calls, which
+a plan with a slow start may not have settled by; the bound is for the settled state.
+
+The runtime carries out a resident set and a ring of loads at fixed offsets, not a schedule, so the
+solver's resident set is turned into plans with a few ring sizes (the peak its schedule uses, the
+whole rest of the budget, multiples of the largest load), each simulated; the best is returned, or
+greedy's plan when none beats it (the solver's model is a relaxation: its schedule may not be one
+the ring can carry out). The lower bound is reported either way.
+
+OR-Tools is imported only when the planner runs, so `layerstream.plan` stays importable without it.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from ..errors import LayerstreamError
+from ..units import Program
+from .cost import CostModel
+from .greedy import PAGE, RING_MULTIPLES, _density, plan_greedy
+from .simulate import Prediction, latency, simulate, timeline
+from .types import Plan, check_budget, make_plan
+
+# Time quanta per greedy's predicted latency: QUANTA_PER_STEP per step, so that the quantum a rounded
+# interval loses per step adds up to about 1% over a call; coarser proves faster, finer bounds tighter.
+QUANTA_PER_STEP = 100
+RESOLUTION_MIN, RESOLUTION_MAX = 1_000, 200_000
+DEFAULT_TIME_LIMIT_S = 10.0
+WINDOW_STEPS = 40  # up to this many steps, a window cut for every pair of steps (beyond: presolve outgrows them)
+NEIGHBOUR_SIMS = 2_000  # simulations at most to try resident sets one unit from the solver's
+WARM_SHARE = 0.2  # of the time limit at most, to turn greedy's plan into the search's first solution
+
+
+class SolverError(LayerstreamError, RuntimeError):
+    """The CP-SAT planner cannot run here (OR-Tools missing) or its model was refused."""
+
+
+class CpsatResult(NamedTuple):
+    plan: Plan  # planner "cpsat", or "greedy"/"fill" when the solver found nothing faster
+    prediction: Prediction  # simulate() of `plan`
+    lower_bound_s: float  # no plan under the budget has a shorter steady-state warm latency (see module doc)
+    status: str  # "optimal": the model was solved; "feasible": time ran out; "unknown": no solution in time
+
+
+def _cp_model():
+    try:
+        from ortools.sat.python import cp_model
+    except ImportError as e:
+        raise SolverError("the CP-SAT planner needs OR-Tools, which is not installed here: "
+                          "pip install 'ortools>=9.10', or plan with the greedy planner "
+                          "(--solver greedy)") from e
+    return cp_model
+
+
+class _Model:
+    """The CP-SAT variables of one call of `program` under `budget` (see the module docstring)."""
+
+    def __init__(self, cp_model, program: Program, sizes: dict[int, int], costs: CostModel, budget: int,
+                 upper_s: float):
+        m = self.m = cp_model.CpModel()
+        steps = program.steps
+        pinned = {u.uid for u in program.units if u.pinned}
+        self.units = sorted({u for u in steps if u not in pinned})
+        cap = budget - sum(sizes[u] for u in pinned)
+        resolution = max(RESOLUTION_MIN, min(RESOLUTION_MAX, QUANTA_PER_STEP * len(steps)))
+        self.q = q = max(upper_s, 1e-9) / resolution  # seconds per quantum
+        H = 2 * resolution + 2  # the optimum is below the greedy plan's `upper_s`, with room to spare
+
+        def quanta(seconds: float) -> int:  # rounded down
+            return int(seconds / q)
+
+        def shortened(seconds: float) -> int:  # and one less, where shifted copies meet: see the module doc
+            return max(0, int(seconds / q) - 1)
+
+        self.T = m.new_int_var(0, H, "T")
+        self.res = {u: m.new_bool_var(f"res{u}") for u in self.units}
+        self.dur = [quanta(c) for c in costs.compute_s]
+        self.held_dur = [shortened(c) for c in costs.compute_s]  # a load's bytes are held until its compute ends
+        self.c = [m.new_int_var(0, H, f"c{i}") for i in range(len(steps))]
+        compute_iv = [m.new_fixed_size_interval_var(self.c[i], self.dur[i], f"C{i}") for i in range(len(steps))]
+        m.add_no_overlap(compute_iv)
+        pre = quanta(costs.pre_s)
+        if steps:
+            m.add(self.c[0] >= pre)
+            for i in range(1, len(steps)):
+                m.add(self.c[i] >= self.c[i - 1] + self.dur[i - 1])
+            m.add(self.T >= self.c[-1] + self.dur[-1])
+        # All compute, and the read tax charged to the call as a whole (a valid bound: see the module doc).
+        tax = {u: quanta(costs.read_tax_s_per_byte * sizes[u]) for u in self.units}
+        m.add(self.T >= quanta(costs.compute_total_s) + sum(tax[u] * (1 - self.res[u]) for u in steps if u in self.res))
+        self.r: dict[int, object] = {}  # step -> read start (this call's frame; negative: the previous call)
+        self.rd: dict[int, int] = {}
+        reads, memory, demands = [], [], []
+        for u in self.units:  # resident units hold their bytes over the whole horizon
+            memory.append(m.new_optional_fixed_size_interval_var(-H, 3 * H + 1, self.res[u], f"R{u}"))
+            demands.append(sizes[u])
+        streamed_steps = self.streamed_steps = [i for i, u in enumerate(steps) if u in self.res]
+        for i in streamed_steps:
+            u = steps[i]
+            on = self.res[u].Not()
+            rd = self.rd[i] = shortened(costs.read_s(sizes[u]))
+            r = self.r[i] = m.new_int_var(-H, H, f"r{i}")
+            r2 = m.new_int_var(-H, 2 * H, f"r{i}+T")  # the next call's read of this step
+            m.add(r2 == r + self.T)
+            m.add(r + rd <= self.c[i]).only_enforce_if(on)
+            m.add(r >= self.c[i] - self.T - 1).only_enforce_if(on)  # at most one call ahead
+            reads += [m.new_optional_fixed_size_interval_var(r, rd, on, f"L{i}"),
+                      m.new_optional_fixed_size_interval_var(r2, rd, on, f"L{i}+T")]
+            held = m.new_int_var(0, 2 * H, f"held{i}")  # bytes held from the read's start to the compute's end
+            e2 = m.new_int_var(-H, 4 * H, f"e{i}+T")
+            memory += [m.new_optional_interval_var(r, held, self.c[i] + self.held_dur[i], on, f"M{i}"),
+                       m.new_optional_interval_var(r2, held, e2, on, f"M{i}+T")]
+            demands += [sizes[u], sizes[u]]
+        m.add_no_overlap(reads)
+        if memory:
+            m.add_cumulative(memory, demands, cap)
+        # Reads in step order (the runtime issues loads in order and the disk serves them FIFO): f[k]
+        # is at least the end of every read up to streamed step k; the next call's reads follow f[-1].
+        self.f = [m.new_int_var(-H, H, f"f{k}") for k in range(len(streamed_steps))]
+        if streamed_steps:
+            f0 = m.new_int_var(-H, H, "f_prev_call")
+            m.add(f0 + self.T >= self.f[-1])
+            prev = f0
+            for k, i in enumerate(streamed_steps):
+                on = self.res[steps[i]].Not()
+                m.add(self.f[k] >= prev)
+                m.add(self.f[k] >= self.r[i] + self.rd[i]).only_enforce_if(on)
+                m.add(self.r[i] >= prev).only_enforce_if(on)
+                prev = self.f[k]
+        # Redundant: the ring holds every streamed unit beside the resident ones (one at a time at least).
+        resident_bytes = m.new_int_var(0, sum(sizes[u] for u in self.units), "resident_bytes")
+        m.add(resident_bytes == sum(sizes[u] * self.res[u] for u in self.units))
+        for u in self.units:
+            m.add(resident_bytes + sizes[u] * (1 - self.res[u]) <= cap)
+        self._add_windows(program, sizes, costs, cap, quanta)
+        # Redundant, for the bound: the disk reads every streamed step within one period.
+        m.add(self.T >= sum(quanta(costs.read_s(sizes[steps[i]])) * (1 - self.res[steps[i]]) for i in streamed_steps))
+        m.minimize(self.T)
+
+    def _add_windows(self, program: Program, sizes: dict[int, int], costs: CostModel, cap: int, quanta) -> None:
+        """Redundant cuts that make the bound strong early: reads between two computes, less what fit the ring.
+
+        Between the starts of steps a and b the disk reads every streamed load of steps a+1..b but those
+        whose read began before step a started; those were all held at that moment beside step a's own
+        load, so their bytes fit the ring (the budget less the resident bytes less step a's load), and
+        the time they saved is at most their bytes over the read speed plus one read latency each.
+        Terms are rounded so that every real schedule still satisfies the integer cut.
+        """
+        m, steps, q = self.m, program.steps, self.q
+        if not self.streamed_steps:
+            return
+        import math
+        w = {u: int(sizes[u] / (costs.read_bps * q)) for u in self.units}  # a unit's bytes, in read quanta
+        held = m.new_int_var(0, sum(w.values()), "resident_read_quanta")
+        m.add(held == sum(w[u] * self.res[u] for u in self.units))
+        ring = math.ceil(cap / (costs.read_bps * q))  # the whole budget's bytes, in read quanta, rounded up
+        full = {i: quanta(costs.read_s(sizes[steps[i]])) for i in self.streamed_steps}
+        if len(steps) > WINDOW_STEPS:
+            return
+        for a in range(len(steps)):
+            mine = w[steps[a]] * (1 - self.res[steps[a]]) if steps[a] in self.res else 0
+            reads, n = [], 0
+            for b in range(a + 1, len(steps)):
+                if steps[b] in self.res:
+                    reads.append(full[b] * (1 - self.res[steps[b]]))
+                    n += 1
+                    lat = math.ceil(costs.read_lat_s * n / q)
+                    m.add(self.c[b] - self.c[a] + 1 >= sum(reads) - lat - ring + held + mine)
+
+    def hint(self, program: Program, sizes: dict[int, int], costs: CostModel, plan: Plan) -> None:
+        """Start the search from `plan`'s simulated schedule (its last call)."""
+        tl = timeline(program, sizes, costs, plan)
+        m, q, t0 = self.m, self.q, tl.call_start_s
+        resident = plan.resident_ids
+        for u, v in self.res.items():
+            m.add_hint(v, u in resident)
+        for i, c in enumerate(self.c):
+            m.add_hint(c, int((tl.compute_start_s[i] - t0) / q))
+        m.add_hint(self.T, int(tl.latency_s / q))
+        prev_end = None
+        for k, i in enumerate(self.streamed_steps):
+            j = tl.load_of_step[i]
+            if j >= 0:
+                r = int((tl.read_start_s[j] - t0) / q)
+                m.add_hint(self.r[i], r)
+                prev_end = max(prev_end or r, r + self.rd[i])
+            if prev_end is not None:
+                m.add_hint(self.f[k], prev_end)
+
+    def peak_load_bytes(self, value, sizes: dict[int, int], steps: tuple[int, ...]) -> int:
+        """The most bytes of loads a solution holds at once (its ring need), over one period.
+
+        `value` reads a variable of the solution (a solver's or a solution callback's `value`).
+        """
+        T = value(self.T)
+        events = []
+        for i in self.streamed_steps:
+            if value(self.res[steps[i]]):
+                continue
+            s, e = value(self.r[i]), value(self.c[i]) + self.held_dur[i]
+            for shift in (0, T):
+                events += [(s + shift, sizes[steps[i]]), (e + shift, -sizes[steps[i]])]
+        live = peak = 0
+        for _, d in sorted(events, key=lambda x: (x[0], x[1])):
+            live += d
+            peak = max(peak, live)
+        return peak
+
+    def solution(self, value, sizes: dict[int, int], steps: tuple[int, ...]) -> tuple[frozenset[int], int]:
+        """(resident set, ring need) of a solution."""
+        resident = frozenset(u for u in self.units if value(self.res[u]))
+        return resident, self.peak_load_bytes(value, sizes, steps)
+
+
+def _plans_from(program: Program, sizes: dict[int, int], costs: CostModel, budget: int,
+                resident_set: set[int], ring_need: int) -> list[Plan]:
+    """Plans carrying out a resident set: rings of a few sizes, the rest of the budget filled densest first."""
+    pinned = [u.uid for u in program.units if u.pinned]
+    dens = _density(program, sizes, costs)
+    chosen = pinned + sorted(resident_set - set(pinned), key=lambda u: -dens[u])
+    out = []
+    for extra in (False, True):
+        resident = list(chosen)
+        if extra:  # spend what the ring does not need on more resident units, densest first
+            room = budget - sum(sizes[u] for u in resident) - ring_need
+            for u in sorted(dens, key=lambda u: -dens[u]):
+                if u not in resident and sizes[u] <= room:
+                    resident.append(u)
+                    room -= sizes[u]
+        kept = set(resident)
+        loads = [u for u in program.steps if u not in kept]
+        free = budget - sum(sizes[u] for u in resident)
+        if not loads:
+            if free >= 0:
+                out.append(make_plan(budget, resident, [], sizes, 0, "cpsat"))
+            continue
+        largest = max(sizes[u] for u in loads)
+        need = -(-ring_need // PAGE) * PAGE
+        rings = {need, free - free % PAGE} | {int(m * largest) for m in RING_MULTIPLES}
+        for ring in sorted(rings):
+            ring = min(ring - ring % PAGE if ring > largest else ring, free, sum(sizes[u] for u in loads))
+            if largest <= ring <= free:
+                out.append(make_plan(budget, resident, loads, sizes, ring, "cpsat"))
+    return out
+
+
+def plan_cpsat(program: Program, sizes: dict[int, int], costs: CostModel, budget: int,
+               time_limit_s: float = DEFAULT_TIME_LIMIT_S, hint: tuple[Plan, Prediction] | None = None,
+               workers: int | None = None, log=None) -> CpsatResult:
+    """The CP-SAT plan under `budget` (never slower than greedy's), its prediction and the proven bound.
+
+    `hint`: greedy's (plan, prediction) when the caller has it already. `workers`: CP-SAT's search
+    threads (default: its own choice, every core). `log`: a callable for one line of solver progress.
+    """
+    check_budget(program, sizes, budget)
+    if time_limit_s <= 0:
+        raise ValueError(f"time_limit_s={time_limit_s}: give CP-SAT a positive time limit in seconds (e.g. 10)")
+    cp_model = _cp_model()
+    greedy_plan, greedy_pred = hint or plan_greedy(program, sizes, costs, budget)
+    compute = costs.compute_total_s
+    if greedy_pred.latency_s <= compute * (1 + 1e-9):  # pure compute: nothing can be faster
+        return CpsatResult(greedy_plan, greedy_pred, compute, "optimal")
+    model = _Model(cp_model, program, sizes, costs, budget, greedy_pred.latency_s)
+    model.hint(program, sizes, costs, greedy_plan)
+
+    def solver_for(seconds: float):
+        solver = cp_model.CpSolver()
+        solver.parameters.max_time_in_seconds = seconds
+        # Not repair_hint: with several workers OR-Tools 9.15 can abort the process with "Check failed:
+        # heuristics.fixed_search != nullptr" (seen in 3 of 6 runs on a 5-unit program; never without it).
+        if workers is not None:
+            solver.parameters.num_workers = int(workers)
+        return solver
+
+    # The simulator's schedule is not exactly periodic nor rounded as the model is, and a partial or
+    # broken hint can leave CP-SAT's search without any solution for seconds. So first complete the
+    # hint into a full solution (every hinted variable fixed: a quick propagation), or when the hint
+    # breaks a constraint, schedule greedy's resident set alone; then hint every variable of that
+    # solution, which the search takes as its first.
+    completed = model.m.clone()
+    first = solver_for(max(0.05, WARM_SHARE * time_limit_s))
+    first.parameters.fix_variables_to_their_hinted_value = True
+    code = first.solve(completed)
+    spent = first.wall_time
+    if code not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+        resident = greedy_plan.resident_ids
+        for u, v in model.res.items():
+            completed.add(completed.get_int_var_from_proto_index(v.index) == int(u in resident))
+        first = solver_for(max(0.05, WARM_SHARE * time_limit_s))
+        code = first.solve(completed)
+        spent += first.wall_time
+    if code in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+        values = list(first.response_proto.solution)
+        model.m.clear_hints()
+        for i, value in enumerate(values):
+            model.m.add_hint(model.m.get_int_var_from_proto_index(i), value)
+    solver = solver_for(max(0.05, time_limit_s - spent))
+    found: list[tuple[frozenset[int], int]] = []  # every improving solution: equal in the model, not in the ring
+
+    class Collect(cp_model.CpSolverSolutionCallback):
+        def on_solution_callback(self) -> None:
+            found.append(model.solution(self.value, sizes, program.steps))
+
+    code = solver.solve(model.m, Collect())
+    if code == cp_model.MODEL_INVALID:
+        raise SolverError(f"CP-SAT refused the model: {model.m.validate()}")
+    if code == cp_model.INFEASIBLE:  # the all-serial schedule is always a solution: a bug if reached
+        raise SolverError(f"CP-SAT found the model infeasible at budget {budget}; the all-serial schedule "
+                          "should always fit the minimum budget: please report this with the program")
+    status = {cp_model.OPTIMAL: "optimal", cp_model.FEASIBLE: "feasible"}.get(code, "unknown")
+    # CP-SAT's bound holds with or without a solution; no plan beats pure compute either.
+    bound = max(compute, solver.best_objective_bound * model.q)
+    if log:
+        log(f"CP-SAT {status} in {solver.wall_time:.2f} s: model latency "
+            + (f"{solver.objective_value * model.q * 1e3:.3f} ms, " if status != "unknown" else "")
+            + f"bound {bound * 1e3:.3f} ms")
+    best = (greedy_plan, greedy_pred.latency_s)
+    tried: set[tuple] = set()
+
+    def consider(resident: set[int], need: int) -> None:
+        nonlocal best
+        for plan in _plans_from(program, sizes, costs, budget, resident, need):
+            key = (plan.resident, plan.ring_bytes)
+            if key not in tried:
+                tried.add(key)
+                lat = latency(program, sizes, costs, plan)
+                if lat < best[1]:
+                    best = (plan, lat)
+
+    for resident, need in reversed(found):  # the best solution first: it wins ties
+        consider(set(resident), need)
+    # The model ignores where loads sit in the ring, so its best resident set may need a neighbour
+    # to carry out well: for small programs try every set one unit away from the solver's best and
+    # from greedy's (what the ring can do, the simulator says).
+    if len(model.units) * (len(RING_MULTIPLES) + 2) * 2 * 2 <= NEIGHBOUR_SIMS:
+        centres = [set(found[-1][0])] if found else []
+        centres.append(set(greedy_plan.resident_ids) - {u.uid for u in program.units if u.pinned})
+        largest = {u: sizes[u] for u in model.units}
+        for centre in centres:
+            for u in model.units:
+                nxt = centre ^ {u}
+                streamed = [largest[v] for v in model.units if v not in nxt]
+                consider(nxt, max(streamed, default=0))
+    plan = best[0]
+    pred = greedy_pred if plan is greedy_plan else simulate(program, sizes, costs, plan)
+    return CpsatResult(plan, pred, bound, status)

@@ -1,0 +1,168 @@
+"""The CP-SAT planner: goldens worked out by hand, properties over small random programs.
+
+Every solve has a short time limit (the programs have a handful of units, which CP-SAT closes well
+within it), so the whole file runs in well under a minute on two cores.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+pytest.importorskip("ortools")
+
+from layerstream.plan import min_budget, plan_fill  # noqa: E402
+from layerstream.plan.cost import CostModel  # noqa: E402
+from layerstream.plan.cpsat import SolverError, plan_cpsat  # noqa: E402
+from layerstream.plan.greedy import plan_greedy  # noqa: E402
+from layerstream.plan.simulate import simulate  # noqa: E402
+from layerstream.units import Program, Unit  # noqa: E402
+
+P = 4096
+LIMIT_S = 1.0
+
+
+def program(steps, n: int, pinned=()) -> Program:
+    units = tuple(Unit(i, f"u{i}", (f"m{i}",), (f"t{i}",), 0, i in pinned) for i in range(n))
+    return Program(units, tuple(steps), ())
+
+
+# ---- goldens ---------------------------------------------------------------------------------------
+
+def test_cpsat_keeps_the_big_sparse_unit_resident_where_greedy_keeps_the_dense_one():
+    # Steps u1 (4 pages, 2.0 s), u2 (2 pages, 1.0 s), u0 (1 page, 0.5 s); the disk reads 8 pages/s
+    # (u1 0.5 s, u2 0.25 s, u0 0.125 s); budget 6 pages; compute 3.5 s.
+    #   greedy: u0 resident (densest: 2 pages/s of compute), u1 and u2 through a 4-page ring, both at
+    #     offset 0. u1 reads during the previous call's u0 and is ready as the call starts; u2 issues
+    #     when u1 is released (2.0) and stalls 0.25: 3.75 s.
+    #   CP-SAT: u1 resident, u2 and u0 through a 2-page ring at offset 0. u2 reads during u1 (it issues
+    #     when the previous call's u0 is released, at the call's start); u0 issues when u2 is released
+    #     (3.0) and stalls its 0.125 s read: 3.625 s. Every other resident set is worse or does not fit
+    #     (nothing resident: the next call's u1 waits for u0, which wrapped onto its bytes: 4.0 s).
+    #   The bound is 3.5, pure compute: the model lets u0 read into the bytes u1 left (its loads have
+    #     no fixed offsets), and the next call's u1 into u2's and u1's old bytes, so every read hides.
+    prog = program((1, 2, 0), 3)
+    sizes = {0: P, 1: 4 * P, 2: 2 * P}
+    costs = CostModel((2.0, 1.0, 0.5), 0.0, read_bps=8 * P, read_lat_s=0.0)
+    greedy, gpred = plan_greedy(prog, sizes, costs, 6 * P)
+    assert greedy.resident_ids == {0} and gpred.latency_s == 3.75
+    plan, pred, bound, status = plan_cpsat(prog, sizes, costs, 6 * P, time_limit_s=5, workers=1)
+    assert status == "optimal" and plan.planner == "cpsat"
+    assert plan.resident == ((1, 0),) and plan.ring_offset == 4 * P and plan.ring_bytes == 2 * P
+    assert plan.loads == ((2, 0), (0, 0))
+    assert pred.latency_s == 3.625 and pred.stalls_s == (0, 0, 0.125)
+    assert pred == simulate(prog, sizes, costs, plan)
+    assert bound == 3.5 == costs.compute_total_s
+
+
+def test_cpsat_bound_is_tight_when_loads_cannot_overlap():
+    # Two 10-page units through a 10-page ring (the minimum budget): each read (1.5 s) waits for the
+    # other unit's release, so a call is read, compute, read, compute: 2 x (1.5 + 1.0) = 5.0 s, the
+    # only plan there is. The model sees it too: its memory allows one load at a time, so its optimum
+    # is 5.0 less the rounding it allows (a quantum per interval), far above compute (2.0) and disk (3.0).
+    prog = program((0, 1), 2)
+    sizes = {0: 10 * P, 1: 10 * P}
+    costs = CostModel((1.0, 1.0), 0.0, read_bps=10 * P, read_lat_s=0.5)
+    plan, pred, bound, status = plan_cpsat(prog, sizes, costs, 10 * P, time_limit_s=5, workers=1)
+    assert status == "optimal" and pred.latency_s == 5.0
+    assert 5.0 * 0.99 <= bound <= 5.0
+
+
+def test_cpsat_stops_at_once_when_greedy_is_pure_compute():
+    # The sparse/dense program of test_planner at 48 pages: greedy hides every read (7.0 s, pure
+    # compute), which no plan can beat: its plan comes back, proven optimal, without a solve.
+    prog = program((0, 1, 2, 3, 4), 5)
+    sizes = {0: 8 * P, 1: 8 * P, 2: 8 * P, 3: 16 * P, 4: 16 * P}
+    costs = CostModel((2.0, 2.0, 2.0, 0.5, 0.5), 0.0, read_bps=16 * P, read_lat_s=0.0)
+    greedy = plan_greedy(prog, sizes, costs, 48 * P)
+    plan, pred, bound, status = plan_cpsat(prog, sizes, costs, 48 * P, time_limit_s=LIMIT_S, hint=greedy)
+    assert (plan, pred) == greedy and status == "optimal" and bound == 7.0 == pred.latency_s
+
+
+def test_cpsat_refuses_a_budget_below_the_minimum_and_a_bad_time_limit():
+    prog = program((0, 1), 2)
+    sizes = {0: 10 * P, 1: 10 * P}
+    costs = CostModel((1.0, 1.0), 0.0, read_bps=10 * P)
+    with pytest.raises(ValueError, match="minimum"):
+        plan_cpsat(prog, sizes, costs, 10 * P - 1)
+    with pytest.raises(ValueError, match="time limit"):
+        plan_cpsat(prog, sizes, costs, 10 * P, time_limit_s=0)
+
+
+def test_cpsat_without_ortools_says_how_to_install_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "ortools", None)  # `import ortools...` now raises ImportError
+    monkeypatch.setitem(sys.modules, "ortools.sat.python", None)
+    prog = program((0, 1), 2)
+    sizes = {0: 10 * P, 1: 10 * P}
+    costs = CostModel((1.0, 1.0), 0.0, read_bps=10 * P, read_lat_s=0.5)
+    with pytest.raises(SolverError, match=r"pip install 'ortools>=9\.10'.*--solver greedy"):
+        plan_cpsat(prog, sizes, costs, 10 * P)
+
+
+def test_cpsat_module_imports_without_loading_ortools():
+    code = ("import sys, threading\nimport layerstream.plan.cpsat\n"
+            "assert 'ortools' not in sys.modules and threading.active_count() == 1\nprint('lazy')")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "lazy", r.stderr
+
+
+# ---- properties ------------------------------------------------------------------------------------
+
+@st.composite
+def small_cases(draw):
+    """(program, sizes, costs, budget): 2-8 units of 1-16 pages, some run twice, some pinned."""
+    n = draw(st.integers(2, 8))
+    sizes = {i: P * draw(st.integers(1, 16)) for i in range(n)}
+    pinned = {i for i in range(n) if draw(st.integers(0, 9)) == 0}
+    steps = list(draw(st.permutations(range(n))))
+    for u, pos in draw(st.lists(st.tuples(st.integers(0, n - 1), st.integers(0, n)), max_size=2)):
+        steps.insert(min(pos, len(steps)), u)
+    compute = draw(st.lists(st.sampled_from([0.0, 1e-4, 5e-4, 2e-3, 1e-2]), min_size=len(steps), max_size=len(steps)))
+    costs = CostModel(tuple(compute), draw(st.sampled_from([0.0, 1e-3])), draw(st.sampled_from([1e6, 1e7, 1e8])),
+                      draw(st.sampled_from([0.0, 1e-4])), draw(st.sampled_from([0.0, 1e-10])))
+    prog = program(steps, n, pinned)
+    need, _ = min_budget(prog, sizes)
+    whole = sum(sizes[u] for u in set(steps) | pinned)
+    budget = need + draw(st.integers(0, 1000)) * (whole + 2 * P - need) // 1000
+    return prog, sizes, costs, budget
+
+
+def _few(n: int):
+    return settings(max_examples=n, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@_few(25)
+@given(small_cases())
+def test_cpsat_is_sound_and_never_worse_than_greedy(case):
+    prog, sizes, costs, budget = case
+    greedy = plan_greedy(prog, sizes, costs, budget)
+    plan, pred, bound, status = plan_cpsat(prog, sizes, costs, budget, time_limit_s=LIMIT_S, hint=greedy, workers=2)
+    assert status in ("optimal", "feasible", "unknown")
+    assert pred.latency_s <= greedy[1].latency_s
+    assert plan.budget_bytes == budget and plan.arena_bytes <= budget and pred.peak_bytes <= plan.arena_bytes
+    plan.validate(sizes)
+    assert {u.uid for u in prog.units if u.pinned} <= plan.resident_ids
+    assert [u for u, _ in plan.loads] == [u for u in prog.steps if u not in plan.resident_ids]
+    assert pred == simulate(prog, sizes, costs, plan)
+    streamed = sum(sizes[u] for u, _ in plan.loads)
+    physical = max(costs.compute_total_s, streamed / costs.read_bps)
+    assert pred.latency_s >= physical * (1 - 1e-9)
+    # The bound holds for every plan under the budget: CP-SAT's own, greedy's, fill's.
+    fill = simulate(prog, sizes, costs, plan_fill(prog, sizes, budget))
+    for lat in (pred.latency_s, greedy[1].latency_s, fill.latency_s):
+        assert bound <= lat * (1 + 1e-9), (bound, lat, status)
+
+
+@_few(10)
+@given(small_cases(), st.integers(0, 10**6))
+def test_cpsat_bound_at_a_larger_budget_is_below_plans_at_smaller_ones(case, extra):
+    """A plan fits every larger budget, so a larger budget's bound can never exceed it."""
+    prog, sizes, costs, budget = case
+    larger = budget + extra % (4 * P)
+    small = plan_cpsat(prog, sizes, costs, budget, time_limit_s=LIMIT_S, workers=2)
+    large = plan_cpsat(prog, sizes, costs, larger, time_limit_s=LIMIT_S, workers=2)
+    assert large.lower_bound_s <= small.prediction.latency_s * (1 + 1e-9)
+    assert large.prediction.latency_s <= plan_greedy(prog, sizes, costs, budget)[1].latency_s  # greedy is monotone
