@@ -401,3 +401,20 @@ def test_greedy_on_a_thousand_units_is_quick():
     elapsed = time.perf_counter() - t
     assert elapsed < 2.0, f"plan_greedy took {elapsed:.2f} s on {n} units"
     assert plan.arena_bytes <= budget and pred.latency_s >= costs.compute_total_s
+
+
+def test_describe_names_resident_units_ring_and_waits():
+    from layerstream.plan.describe import describe
+    plan, pred = plan_greedy(SPARSE_DENSE, SPARSE_DENSE_SIZES, SPARSE_DENSE_COSTS, 48 * P)
+    text = describe(SPARSE_DENSE, SPARSE_DENSE_SIZES, SPARSE_DENSE_COSTS, plan, pred)
+    assert "plan (greedy): budget 192.0 KiB, arena 192.0 KiB, predicted peak 192.0 KiB" in text
+    assert "resident: 2 unit(s), 128.0 KiB: u3, u4" in text
+    assert "ring: 64.0 KiB for 3 load(s) per call of 3 unit(s), 96.0 KiB read per call: u0, u1, u2" in text
+    assert "predicted warm latency 7000.00 ms = compute 7000.00 ms + stalls 0.00 ms" in text
+    assert "waits" not in text and "CP-SAT" not in text  # no stall, no solver
+    fill = plan_fill(SPARSE_DENSE, SPARSE_DENSE_SIZES, 48 * P)
+    slow = simulate(SPARSE_DENSE, SPARSE_DENSE_SIZES, SPARSE_DENSE_COSTS, fill)
+    text = describe(SPARSE_DENSE, SPARSE_DENSE_SIZES, SPARSE_DENSE_COSTS, fill, slow, bound_s=7.0, status="optimal",
+                    greedy_s=7.0)
+    assert "resident: 0 unit(s), 0 B" in text and "compute waits for reads at 1 step(s): u0 +500.00 ms" in text
+    assert "CP-SAT optimal: lower bound 7000.00 ms (this plan is within 6.7% of it); greedy 7000.00 ms" in text

@@ -1,7 +1,9 @@
-"""The frontier sweep (pure) and the tradeoff command end to end on a tiny model."""
+"""The frontier sweep (pure), and the profile, plan and tradeoff commands end to end on tiny models."""
 from __future__ import annotations
 
 import json
+
+import pytest
 
 from layerstream import cli
 from layerstream.plan.cost import CostModel
@@ -56,3 +58,87 @@ def test_read_tax_is_the_compute_that_reading_cost():
     assert costs.compute_scale(0) == 1.0
     assert with_read_tax(pure, overlapped, 10**6).read_tax_s_per_byte == 0.0  # never negative
     assert CostModel.from_json(costs.to_json()) == costs
+
+
+def test_sweep_frontier_never_rises_with_the_budget():
+    program, sizes, costs = _program()
+    f = sweep(program, sizes, costs, steps=9)
+    predicted = [p.predicted_ms for p in f.points]
+    assert all(b <= a for a, b in zip(predicted, predicted[1:])), predicted
+
+
+# ---- profile cache, `layerstream profile` and `layerstream plan` ----------------------------------
+
+def test_profile_command_measures_once_then_reads_the_cache(tmp_path, capsys, monkeypatch):
+    import os
+
+    from layerstream.profile import Profile, cache_root
+
+    monkeypatch.setenv("LAYERSTREAM_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "p.json"
+    assert cli.main(["profile", "zoo:tiny-t5", "--max-unit", "16KiB", "--json", str(out)]) == 0
+    first = capsys.readouterr()
+    assert "measured in" in first.out and "call 3/3" in first.err  # progress on stderr
+    files = list(cache_root().glob("tiny-t5-*.json"))
+    assert len(files) == 1 and out.read_text() == files[0].read_text()
+    prof = Profile.from_json(out.read_text())
+    assert prof.max_unit == 16384 and prof.key["max_unit"] == 16384 and prof.key["device"] == "cpu"
+    assert len(prof.costs.compute_s) == len(prof.program.steps) > 10
+    assert set(prof.sizes) == {u.uid for u in prof.program.units} and Profile.from_json(prof.to_json()) == prof
+    assert cli.main(["profile", "zoo:tiny-t5", "--max-unit", "16KiB"]) == 0
+    assert "cached" in capsys.readouterr().out
+    # A rewritten weight file (here: only its mtime) is another file: measured again, cached apart.
+    weights = prof.key["weights"]["path"]
+    st = os.stat(weights)
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert cli.main(["profile", "zoo:tiny-t5", "--max-unit", "16KiB"]) == 0
+    assert "measured in" in capsys.readouterr().out
+    assert len(list(cache_root().glob("tiny-t5-*.json"))) == 2
+    # Another unit size is another cut: another profile.
+    assert cli.main(["profile", "zoo:tiny-t5", "--max-unit", "32KiB"]) == 0
+    assert "measured in" in capsys.readouterr().out
+
+
+def test_profile_cache_key_names_what_the_costs_depend_on(tmp_path):
+    from layerstream.profile import cache_path, weight_identity
+
+    w = tmp_path / "w.safetensors"
+    header = b'{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}'
+    w.write_bytes(len(header).to_bytes(8, "little") + header + b"\0" * 4)
+    ident = weight_identity(w)
+    assert ident["bytes"] == 8 + len(header) + 4 and ident["path"] == str(w.resolve())
+    key = {"version": 1, "model": "m", "weights": ident, "device": "cpu", "inputs": [[[1, 8], "torch.int64"]],
+           "max_unit": 4096, "reader": "auto"}
+    for change in ({"device": "cuda:0:NVIDIA H100"}, {"inputs": [[[2, 8], "torch.int64"]]}, {"max_unit": 8192}):
+        assert cache_path({**key, **change}) != cache_path(key)
+    other = header.replace(b"F32", b"I32")  # same size, another header: another file
+    w.write_bytes(len(other).to_bytes(8, "little") + other + b"\0" * 4)
+    assert weight_identity(w)["header_sha256"] != ident["header_sha256"]
+
+
+def test_plan_command_prints_the_plan_and_writes_json_that_plan_reads(tmp_path, capsys, monkeypatch):
+    from layerstream.plan import Plan
+    from layerstream.profile import Profile, cache_root
+
+    monkeypatch.setenv("LAYERSTREAM_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "plan.json"
+    args = ["plan", "zoo:tiny-t5", "--budget", "30%", "--max-unit", "16KiB", "--json", str(out)]
+    assert cli.main(args) == 0  # profiles first (nothing cached)
+    text = capsys.readouterr().out
+    assert "plan (" in text and "resident:" in text and "ring:" in text and "predicted warm latency" in text
+    d = json.loads(out.read_text())
+    plan = Plan.from_json(out.read_text())
+    prof = Profile.from_json(next(cache_root().glob("tiny-t5-*.json")).read_text())
+    plan.validate(prof.sizes)
+    assert plan.arena_bytes <= plan.budget_bytes == d["budget_bytes"] and d["max_unit"] == 16384
+    assert d["predicted_latency_s"] >= prof.costs.compute_total_s and d["predicted_peak_bytes"] <= plan.arena_bytes
+    assert [r for u in prof.program.steps for r in prof.program.units[u].roots] == d["root_order"]
+    pytest.importorskip("ortools")
+    assert cli.main(args[:-2] + ["--solver", "cpsat", "--time-limit", "2", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "lower bound" in text and "greedy" in text
+    d = json.loads(out.read_text())
+    assert d["planner"] in ("cpsat", "greedy", "fill") and d["status"] in ("optimal", "feasible", "unknown")
+    assert d["lower_bound_s"] <= d["predicted_latency_s"] <= d["greedy_latency_s"]
+    assert cli.main(["plan", "zoo:tiny-t5", "--budget", "1KiB", "--max-unit", "16KiB"]) == 2
+    assert "below the minimum" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""The `layerstream` command: demo | run | bench | tradeoff | pack (and more; see `layerstream -h`)."""
+"""The `layerstream` command: demo | run | bench | profile | plan | tradeoff | pack (and more; see `layerstream -h`)."""
 from __future__ import annotations
 
 import argparse
@@ -82,12 +82,14 @@ def cmd_tradeoff(a) -> int:
     from .budget import fmt_bytes
     from .models import resolve, weights_for
     from .plan.tradeoff import sweep
-    from .profile import profile
+    from .profile import load_or_profile
 
     spec = resolve(a.model)
     weights = weights_for(a.model, spec, a.weights)
-    _log(f"profiling {a.model} streamed at {a.profile_budget} (two calls) ...")
-    program, sizes, costs, max_unit = profile(spec, weights, a.profile_budget, a.device)
+    prof, path, cached = load_or_profile(spec, weights, a.profile_budget, a.device, refresh=a.refresh, log=_log)
+    if cached:
+        _log(f"profile of {a.model} from {path} (--refresh to measure again)")
+    program, sizes, costs, max_unit = prof.program, prof.sizes, prof.costs, prof.max_unit
     frontier = sweep(program, sizes, costs, a.steps)
     if a.measure:
         from dataclasses import replace
@@ -116,6 +118,72 @@ def cmd_tradeoff(a) -> int:
         from .plot import plot_frontier
         plot_frontier(frontier, f"{a.model} ({a.device})", a.png)
         _log(f"frontier drawn to {a.png}")
+    return 0
+
+
+def cmd_profile(a) -> int:
+    """Measure (or find cached) the cost model planning uses, and say what it holds."""
+    import shutil
+
+    from .models import resolve, weights_for
+    from .profile import load_or_profile
+
+    spec = resolve(a.model)
+    weights = weights_for(a.model, spec, a.weights)
+    prof, path, cached = load_or_profile(spec, weights, a.budget, a.device, a.max_unit, refresh=a.refresh, log=_log)
+    print(f"{a.model} on {prof.key['device']}: " + ("cached" if cached else f"measured in {prof.measured_s:.1f} s")
+          + f" ({path})\n  {prof.summary()}")
+    if a.json:
+        shutil.copyfile(path, a.json)
+        _log(f"profile written to {a.json}")
+    return 0
+
+
+def cmd_plan(a) -> int:
+    """Plan a budget from the cached profile (measuring it first if absent) and print the plan in words."""
+    import time
+
+    from .budget import fmt_bytes, parse_budget
+    from .meta import build_empty
+    from .models import resolve, weights_for
+    from .plan.describe import describe
+    from .plan.greedy import plan_greedy
+    from .profile import load_or_profile
+    from .stream import model_weight_bytes
+
+    spec = resolve(a.model)
+    weights = weights_for(a.model, spec, a.weights)
+    prof, path, cached = load_or_profile(spec, weights, a.budget, a.device, a.max_unit, refresh=a.refresh, log=_log)
+    if cached:
+        _log(f"profile of {a.model} from {path} (--refresh to measure again)")
+    budget = parse_budget(a.budget, model_weight_bytes(build_empty(spec.build)))
+    program, sizes, costs = prof.program, prof.sizes, prof.costs
+    t = time.perf_counter()
+    greedy = plan_greedy(program, sizes, costs, budget)
+    extra: dict = {"greedy_latency_s": greedy[1].latency_s, "greedy_s": time.perf_counter() - t}
+    plan, pred = greedy
+    words = {}
+    if a.solver == "cpsat":
+        from .plan.cpsat import plan_cpsat
+        t = time.perf_counter()
+        plan, pred, bound, status = plan_cpsat(program, sizes, costs, budget, time_limit_s=a.time_limit,
+                                               hint=greedy, log=_log)
+        extra.update(lower_bound_s=bound, status=status, cpsat_s=time.perf_counter() - t)
+        words = dict(bound_s=bound, status=status, greedy_s=greedy[1].latency_s)
+    print(f"{a.model} on {prof.key['device']}, units of at most {fmt_bytes(prof.max_unit)}:")
+    print(describe(program, sizes, costs, plan, pred, **words))
+    if a.json:
+        d = json.loads(plan.to_json())  # Plan.from_json reads this file back; the rest is for people
+        # The plan names units of the profiled cut: units of at most max_unit, merged along the order
+        # the profiled call took (root_order, what capture.fuse takes), so a runtime can rebuild it.
+        root_order = [r for u in program.steps for r in program.units[u].roots]
+        d.update(model=a.model, weights=str(weights), device=a.device, max_unit=prof.max_unit,
+                 root_order=root_order, predicted_latency_s=pred.latency_s, predicted_stall_s=pred.stall_s,
+                 predicted_peak_bytes=pred.peak_bytes, **extra)
+        with open(a.json, "w") as f:
+            json.dump(d, f, indent=1)
+        _log(f"plan written to {a.json} (Plan.from_json reads it); it is for units of at most "
+             f"{prof.max_unit} bytes merged along root_order, the cut the profile ran")
     return 0
 
 
@@ -199,7 +267,31 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--repeat", type=int, default=3, help="warm calls per measured point (default 3)")
     q.add_argument("--json", help="write the frontier as JSON")
     q.add_argument("--png", help="draw the frontier to this PNG")
+    q.add_argument("--refresh", action="store_true", help="measure the profile again even if one is cached")
     q.set_defaults(fn=cmd_tradeoff)
+
+    def size(text: str) -> int:
+        return __import__("layerstream").parse_bytes(text)
+
+    q = sub.add_parser("profile", help="measure the cost model planning uses (cached per file, device, inputs)")
+    model_args(q)
+    q.add_argument("--budget", default="25%", help="budget streamed while measuring; sets the unit size "
+                   "unless --max-unit is given (default 25%%)")
+    q.add_argument("--max-unit", type=size, default=None, help="largest load unit (default: an eighth of the budget)")
+    q.add_argument("--json", help="also write the profile (program, slot sizes, costs) as JSON to this file")
+    q.add_argument("--refresh", action="store_true", help="measure again even if a cached profile matches")
+    q.set_defaults(fn=cmd_profile)
+
+    q = sub.add_parser("plan", help="plan a budget from the cached profile and print it in words")
+    model_args(q)
+    q.add_argument("--budget", required=True, help="weight memory: bytes, '512MB', '1.5GiB' or '10%%'")
+    q.add_argument("--solver", choices=["greedy", "cpsat"], default="greedy",
+                   help="greedy (milliseconds) or cpsat (OR-Tools: improves on greedy and proves a lower bound)")
+    q.add_argument("--time-limit", type=float, default=10.0, help="CP-SAT's time limit in seconds (default 10)")
+    q.add_argument("--max-unit", type=size, default=None, help="largest load unit (default: an eighth of the budget)")
+    q.add_argument("--json", help="write the plan as JSON (Plan.from_json reads it; stream(..., plan=...) runs it)")
+    q.add_argument("--refresh", action="store_true", help="measure the profile again even if one is cached")
+    q.set_defaults(fn=cmd_plan)
 
     q = sub.add_parser("pack", help="rewrite a checkpoint in execution order, 4 KiB aligned, with checksums")
     q.add_argument("src", help="a safetensors file, or a Hugging Face folder (one or several shards)")

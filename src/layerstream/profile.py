@@ -1,27 +1,199 @@
-"""Measure a model's cost model on this machine: stream it for two calls and keep what they showed."""
+"""Measure a model's cost model on this machine, and keep it so planning never measures twice.
+
+`profile` streams the model for three calls (the first learns the step order, the second times each
+step with reads overlapping compute, the third times them with reads serial: pure compute) and returns
+the Program, slot sizes and calibrated CostModel the planners need. `load_or_profile` keeps that as
+JSON under the cache directory zoo.py uses ($LAYERSTREAM_CACHE or ~/.cache/layerstream, in
+`profiles/`), keyed by everything the numbers depend on: the weight file (real path, size, mtime and
+a hash of its header, so a rewritten file is measured again), the device, the input shapes and dtypes,
+the unit size (it sets the unit cut, hence the steps) and the reader. A key that differs in anything
+is a different file, never a stale hit.
+"""
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import re
+import struct
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
 
+from .budget import fmt_bytes, parse_budget
 from .errors import BudgetError, ModelError
 from .meta import build_empty
-from .stream import stream
+from .plan.cost import CostModel
+from .units import Program, TensorRef, Unit
+
+CACHE_VERSION = 1  # bump when the JSON's meaning changes: older files are then measured again
 
 
-def profile(spec, weights: str | os.PathLike, budget="25%", device="cpu", max_unit: int | None = None):
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def cache_root() -> Path:
+    """Where profiles are kept: zoo.py's cache directory, in `profiles/`."""
+    root = os.environ.get("LAYERSTREAM_CACHE") or Path.home() / ".cache" / "layerstream"
+    return Path(root).expanduser() / "profiles"
+
+
+def weight_identity(path: str | os.PathLike) -> dict:
+    """What says a weight file is the one measured: path, size, mtime, and a hash of its header."""
+    real = os.path.realpath(path)
+    st = os.stat(real)
+    with open(real, "rb") as f:
+        head = f.read(8)
+        n = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
+        header = f.read(min(n, 100 * 2**20))  # the header names every tensor, its dtype, shape and offset
+    return {"path": real, "bytes": st.st_size, "mtime_ns": st.st_mtime_ns,
+            "header_sha256": hashlib.sha256(head + header).hexdigest()}
+
+
+def inputs_signature(inputs) -> list:
+    """Shapes and dtypes of a call's inputs: the step times depend on them, the values do not."""
+    return [[list(x.shape), str(x.dtype)] if hasattr(x, "shape") else [repr(type(x).__name__), repr(x)]
+            for x in inputs]
+
+
+def device_signature(device) -> str:
+    """The device as profiles key it: its name too on CUDA (an H100's times do not fit an A10)."""
+    import torch
+    d = torch.device(device)
+    if d.type == "cuda" and torch.cuda.is_available():
+        return f"{d}:{torch.cuda.get_device_name(d)}"
+    return str(d)
+
+
+# ---- the Program as JSON ---------------------------------------------------------------------------
+
+def program_to_dict(program: Program) -> dict:
+    return {"units": [[u.uid, u.name, list(u.roots), list(u.tensors), u.nbytes, u.pinned] for u in program.units],
+            "steps": list(program.steps),
+            "tensors": [[t.name, t.dtype, list(t.shape), t.nbytes, list(t.aliases)] for t in program.tensors]}
+
+
+def program_from_dict(d: dict) -> Program:
+    units = tuple(Unit(uid, name, tuple(roots), tuple(tensors), nbytes, bool(pinned))
+                  for uid, name, roots, tensors, nbytes, pinned in d["units"])
+    tensors = tuple(TensorRef(name, dtype, tuple(shape), nbytes, tuple(aliases))
+                    for name, dtype, shape, nbytes, aliases in d["tensors"])
+    return Program(units, tuple(d["steps"]), tensors)
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Everything planning needs about a model on this machine, and what it was measured on."""
+
+    program: Program
+    sizes: dict[int, int]  # unit id -> slot bytes in the arena
+    costs: CostModel
+    max_unit: int  # the unit size the program was cut with: stream with it for a plan to fit
+    key: dict  # weight file identity, device, inputs, max_unit, reader, version
+    measured_s: float = 0.0  # wall time the measurement took
+
+    def to_json(self) -> str:
+        return json.dumps({"key": self.key, "max_unit": self.max_unit, "measured_s": self.measured_s,
+                           "costs": json.loads(self.costs.to_json()), "sizes": {str(u): s for u, s in self.sizes.items()},
+                           "program": program_to_dict(self.program)}, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Profile":
+        d = json.loads(text)
+        return cls(program_from_dict(d["program"]), {int(u): s for u, s in d["sizes"].items()},
+                   CostModel.from_json(json.dumps(d["costs"])), d["max_unit"], d["key"], d.get("measured_s", 0.0))
+
+    def summary(self) -> str:
+        c = self.costs
+        streamed = [u for u in self.program.steps if not self.program.units[u].pinned]
+        return (f"{len(self.program.units)} units, {len(self.program.steps)} steps per call "
+                f"({len(streamed)} streamable), weights {fmt_bytes(self.program.weight_bytes)}, units of at most "
+                f"{fmt_bytes(self.max_unit)}; compute {c.compute_total_s * 1e3:.2f} ms per call with every weight "
+                f"resident; reads {c.read_bps / 1e9:.2f} GB/s + {c.read_lat_s * 1e6:.0f} us each; read tax "
+                f"{c.read_tax_s_per_byte * 1e12:.2f} ms per GB read")
+
+
+def profile(spec, weights: str | os.PathLike, budget="25%", device="cpu", max_unit: int | None = None,
+            log=_stderr):
     """(program, slot sizes, calibrated CostModel, max_unit) of `spec` streamed from `weights`.
 
-    The first call learns the order, the next two are timed step by step (see StreamedModel).
+    The first call learns the order, the next two are timed step by step (see StreamedModel). `log`
+    gets a line before and after each call (progress, on stderr by default; None for silence).
     """
+    from .stream import stream
+
+    log = log or (lambda msg: None)
     inputs = tuple(x.to(device) for x in spec.example_inputs())
+    max_unit = effective_max_unit(spec, budget, max_unit)
     try:
         sm = stream(build_empty(spec.build), weights, budget=budget, device=device, max_unit=max_unit)
     except BudgetError as e:  # below the minimum for this cut: profile at the minimum instead
+        log(f"  {e.minimum_bytes} bytes is the least this unit cut runs in: profiling there instead")
         sm = stream(build_empty(spec.build), weights, budget=e.minimum_bytes, device=device, max_unit=max_unit)
+    what = ("learning the step order", "timing each step with reads overlapping compute",
+            "timing each step with reads serial: pure compute")
     with sm:
-        for _ in range(3):
+        log(f"  streaming at {fmt_bytes(sm.budget_bytes)} in units of at most {fmt_bytes(sm.max_unit)}")
+        for i, doing in enumerate(what):
+            t = time.perf_counter()
             sm(*inputs)
+            log(f"  call {i + 1}/3 ({doing}): {(time.perf_counter() - t) * 1e3:.1f} ms")
         if sm.costs is None:
             raise ModelError("the timed calls took another order than the first (data-dependent control "
-                             "flow), or nothing streams at this budget, so no cost model could be made")
+                             "flow), or nothing streams at this budget, so no cost model could be made; "
+                             "profile at a smaller --budget, or with inputs whose control flow does not vary")
         return sm.cap.program, dict(sm.sizes), sm.costs, sm.max_unit
+
+
+def effective_max_unit(spec, budget, max_unit: int | None) -> int:
+    """The unit size streaming at `budget` uses: `max_unit`, or stream's default for that budget."""
+    from .stream import default_max_unit, model_weight_bytes
+
+    if max_unit:
+        return int(max_unit)
+    return default_max_unit(parse_budget(budget, model_weight_bytes(build_empty(spec.build))))
+
+
+def profile_key(spec, weights, device, max_unit: int, reader: str = "auto") -> dict:
+    return {"version": CACHE_VERSION, "model": spec.name, "weights": weight_identity(weights),
+            "device": device_signature(device), "inputs": inputs_signature(spec.example_inputs()),
+            "max_unit": max_unit, "reader": reader}
+
+
+def cache_path(key: dict) -> Path:
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", str(key.get("model", "model"))).strip("-") or "model"
+    return cache_root() / f"{name}-{digest}.json"
+
+
+def load_or_profile(spec, weights, budget="25%", device="cpu", max_unit: int | None = None, *,
+                    refresh: bool = False, log=_stderr) -> tuple[Profile, Path, bool]:
+    """(profile, its cache file, whether it came from the cache): measured only when not cached.
+
+    `budget` is the budget streamed while measuring; it also sets the unit size when `max_unit` is
+    None (as `stream` does), so plan for a budget with the profile made at that budget.
+    """
+    log = log or (lambda msg: None)
+    max_unit = effective_max_unit(spec, budget, max_unit)
+    key = profile_key(spec, weights, device, max_unit)
+    path = cache_path(key)
+    if path.exists() and not refresh:
+        try:
+            prof = Profile.from_json(path.read_text())
+            if prof.key == key:
+                return prof, path, True
+            log(f"profile cache {path} was made for something else: measuring again")
+        except (ValueError, KeyError, TypeError) as e:
+            log(f"profile cache {path} is unreadable ({e}): measuring again")
+    log(f"profiling {spec.name} on {key['device']} (three streamed calls; cached in {path.parent}) ...")
+    t = time.perf_counter()
+    program, sizes, costs, max_unit = profile(spec, weights, budget, device, max_unit, log=log)
+    prof = Profile(program, sizes, costs, max_unit, key, time.perf_counter() - t)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(prof.to_json())
+    os.replace(tmp, path)  # a reader never sees half a file
+    log(f"profile saved to {path}")
+    return prof, path, False
