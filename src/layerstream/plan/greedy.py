@@ -30,9 +30,10 @@ from .types import Plan, check_budget, make_plan, min_budget
 RING_MULTIPLES = (1, 1.5, 2, 3, 4, 6, 8, 12, 16, 24, 32)
 PAGE = 4096  # slot sizes are whole pages, so budgets finer than a page plan alike
 GRID_MAX = 128  # grid budgets at most (every page when the model spans fewer pages above its minimum)
-GRID_MIN = 24  # grid budgets at least, however long the program
+GRID_MIN = 8  # grid budgets at least, however long the program
 CHAIN_PLANS = 6  # plans per chain: the budget between two grid points used in this many steps
-GRID_STEP_SIMS = 400_000  # steps simulated (over every grid point's candidates) that sizes the grid
+SIMS_PER_POINT = 11  # distinct plans simulated per grid point, about (candidates less repeats, plus a chain)
+GRID_STEP_SIMS = 150_000  # steps simulated (3 calls each) walking the whole grid: sets how fine it is
 
 
 def _density(program: Program, sizes: dict[int, int], costs: CostModel) -> dict[int, float]:
@@ -64,17 +65,17 @@ def _build(program: Program, sizes: dict[int, int], budget: int, ring: int, orde
 def budget_grid(program: Program, sizes: dict[int, int]) -> tuple[int, ...]:
     """The budgets greedy plans at: the minimum, the whole model, and points between.
 
-    Every page between when there are at most GRID_MAX, else geometric, with as many points as keep
-    the simulations of all of them near GRID_STEP_SIMS steps (a long program gets a coarser grid).
+    As many points as keep the simulations of the whole walk near GRID_STEP_SIMS steps (a long program
+    gets a coarser grid: 1,000 steps, 8 points; 100 steps, 45; 40 steps, 113), every page between when
+    that many cover them, else spaced geometrically.
     Fixed per program and sizes, never per budget asked: that is what makes greedy monotone.
     """
     lo, _ = min_budget(program, sizes)
     used = set(program.steps) | {u.uid for u in program.units if u.pinned}
     hi = max(lo, sum(sizes[u] for u in used))
-    if hi - lo <= GRID_MAX * PAGE:
+    k = max(GRID_MIN, min(GRID_MAX, GRID_STEP_SIMS // max(1, SIMS_PER_POINT * 3 * len(program.steps))))
+    if hi - lo <= k * PAGE:
         return tuple(range(lo, hi, PAGE)) + (hi,)
-    per_point = len(RING_MULTIPLES) + 2  # candidates simulated at each grid point, at most
-    k = max(GRID_MIN, min(GRID_MAX, GRID_STEP_SIMS // max(1, per_point * 3 * len(program.steps))))
     pts = {lo, hi} | {lo + (int(lo * (hi / lo) ** (i / (k - 1))) - lo) // PAGE * PAGE for i in range(1, k - 1)}
     return tuple(sorted(p for p in pts if lo <= p <= hi))
 
