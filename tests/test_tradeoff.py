@@ -142,3 +142,28 @@ def test_plan_command_prints_the_plan_and_writes_json_that_plan_reads(tmp_path, 
     assert d["lower_bound_s"] <= d["predicted_latency_s"] <= d["greedy_latency_s"]
     assert cli.main(["plan", "zoo:tiny-t5", "--budget", "1KiB", "--max-unit", "16KiB"]) == 2
     assert "below the minimum" in capsys.readouterr().err
+
+
+def test_stream_carries_out_a_plan_file_exactly(tmp_path, monkeypatch):
+    """`layerstream plan --json` -> stream(plan=file): the profiled cut is rebuilt and the plan kept."""
+    import torch
+
+    import layerstream as ls
+    from layerstream import zoo
+    from layerstream.outputs import tensors_of
+    from layerstream.plan import Plan
+
+    monkeypatch.setenv("LAYERSTREAM_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "plan.json"
+    assert cli.main(["plan", "zoo:tiny-t5", "--budget", "30%", "--max-unit", "16KiB", "--json", str(out)]) == 0
+    spec, weights = zoo.get("tiny-t5"), zoo.weights_path("tiny-t5")
+    with torch.no_grad():
+        want = tensors_of(ls.load_eager(zoo.build_on_meta(spec.build), weights)(*spec.example_inputs()))
+    with ls.stream(zoo.build_on_meta(spec.build), weights, budget="30%", plan=str(out)) as sm:
+        for _ in range(4):
+            got = tensors_of(sm(*spec.example_inputs()))
+            assert all(torch.equal(g, w) for g, w in zip(got, want))
+        assert sm.plan == Plan.from_json(out.read_text()) and sm.max_unit == 16384
+        assert sm.report().demand_misses == 0  # the plan's units are the ones the calls ask for
+    with pytest.raises(ls.PlanError, match="16384"):
+        ls.stream(zoo.build_on_meta(spec.build), weights, budget="30%", plan=str(out), max_unit=32768)

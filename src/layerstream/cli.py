@@ -182,8 +182,8 @@ def cmd_plan(a) -> int:
                  predicted_peak_bytes=pred.peak_bytes, **extra)
         with open(a.json, "w") as f:
             json.dump(d, f, indent=1)
-        _log(f"plan written to {a.json} (Plan.from_json reads it); it is for units of at most "
-             f"{prof.max_unit} bytes merged along root_order, the cut the profile ran")
+        _log(f"plan written to {a.json}: stream(model, weights, budget, plan={a.json!r}) carries it out "
+             f"(units of at most {prof.max_unit} bytes merged along root_order, the cut the profile ran)")
     return 0
 
 

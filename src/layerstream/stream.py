@@ -19,6 +19,7 @@ from .measure import disk_read_bps
 from .outputs import tensors_of
 from .packfile import checks_for, rename_units, unit_table
 from .plan import Plan, plan_fill
+from .plan.types import PlanError
 from .plan.calibrate import calibrate_read_bps
 from .plan.cost import CostModel, costs_from_record, with_read_tax
 from .plan.greedy import plan_greedy
@@ -66,7 +67,7 @@ class StreamedModel(nn.Module):
     """
 
     def __init__(self, model: nn.Module, path: str | os.PathLike | FileIndex, budget="10%", device="cpu", *,
-                 plan: Plan | None = None, max_unit: int | None = None, reader: str = "auto",
+                 plan: Plan | str | os.PathLike | None = None, max_unit: int | None = None, reader: str = "auto",
                  io: str = "auto", workers: int = DEFAULT_WORKERS, trace: bool = True, verify: bool = True):
         super().__init__()
         self.device = torch.device(device)
@@ -89,8 +90,14 @@ class StreamedModel(nn.Module):
         self.verify = verify and self.unit_table is not None
         self.weight_bytes = model_weight_bytes(model)
         self.budget_bytes = parse_budget(budget, self.weight_bytes)
+        root_order = None
+        if isinstance(plan, (str, os.PathLike)):  # a file `layerstream plan --json` wrote
+            plan, max_unit, root_order = _read_plan_file(plan, max_unit)
         self.max_unit = max_unit or default_max_unit(self.budget_bytes)
-        self._set_capture(capture(model, self.index, self.max_unit))
+        cap = capture(model, self.index, self.max_unit)
+        if root_order:  # the plan names units of the profiled cut: merged along the order it recorded
+            cap = fuse(cap, root_order, self.max_unit, self.index)
+        self._set_capture(cap)
         self._learning = "done" if plan is not None else "order"  # a plan the user passed is kept as it is
         self._reader_mode = reader
         self.costs: CostModel | None = None
@@ -335,6 +342,19 @@ def _shape_key(args, kwargs) -> tuple:
     """The shapes of a call's tensor arguments, but an attention mask's (it grows by one per decoded token)."""
     items = list(enumerate(args)) + [(k, v) for k, v in kwargs.items() if k != "attention_mask"]
     return tuple((k, tuple(v.shape)) for k, v in items if isinstance(v, torch.Tensor))
+
+
+def _read_plan_file(path, max_unit: int | None) -> tuple[Plan, int | None, list[str] | None]:
+    """(plan, unit size, root order) from a plan file; the file's unit size wins (its units need it)."""
+    import json
+
+    with open(path) as f:
+        text = f.read()
+    d = json.loads(text)
+    if max_unit is not None and d.get("max_unit") not in (None, max_unit):
+        raise PlanError(f"{path} plans units of at most {d['max_unit']} bytes; drop max_unit={max_unit} "
+                        "or plan again with that unit size")
+    return Plan.from_json(text), d.get("max_unit") or max_unit, d.get("root_order")
 
 
 def _move_real_buffers(model: nn.Module, device: torch.device) -> None:
