@@ -24,12 +24,7 @@ def plot_frontier(f: Frontier, title: str, path: str) -> None:
     ax.set_xscale("log")
     ax.set_xlabel("weight-memory budget (MiB)")
     ax.set_ylabel("latency per call (ms)")
-    ax.set_title(title)
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    _finish(fig, ax, title, path)
 
 
 _MARKERS = {"eager": "o", "load-then-run": "D", "accelerate-disk": "^", "diffusers-group-disk": "v", "layerstream": "s"}
@@ -67,6 +62,12 @@ def plot_systems(result: dict, title: str, path: str) -> None:
         ax.set_xscale("log")
     ax.set_xlabel("memory: peak RSS + page cache (MiB)")
     ax.set_ylabel("latency (ms); cold: from loading to the first output")
+    _finish(fig, ax, title, path)
+
+
+def _finish(fig, ax, title: str, path: str) -> None:
+    import matplotlib.pyplot as plt
+
     ax.set_title(title)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
