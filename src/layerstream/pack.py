@@ -79,26 +79,44 @@ def units_by_name(names: list[str], nbytes: dict[str, int], max_unit: int) -> li
     return units
 
 
-def units_by_model(spec, weights: str, max_unit: int) -> list[tuple[str, list[str]]]:
-    """The units one streamed call of `spec` really ran, in the order it ran them."""
+ORDER_UNIT = 1  # the cut that records the order: every module with weights is a unit of its own
+
+
+def units_by_model(spec, weights: str, max_unit: int) -> tuple[list[tuple[str, list[str]]], tuple[str, ...]]:
+    """The tensors in the order one streamed call of `spec` really used them, grouped up to `max_unit`.
+
+    The order is recorded with a fine cut (ORDER_UNIT), not `max_unit`: a coarse unit keeps its
+    tensors in registration order (ResNet registers a block's shortcut before the layers it runs
+    after), which a finer cut at streaming time would then read in the wrong order.
+    """
     from .meta import build_empty
     from .stream import stream
 
     inputs = spec.example_inputs()
     try:
-        sm = stream(build_empty(spec.build), weights, budget="10%", max_unit=max_unit)
+        sm = stream(build_empty(spec.build), weights, budget="10%", max_unit=ORDER_UNIT)
     except BudgetError as e:
-        sm = stream(build_empty(spec.build), weights, budget=e.minimum_bytes, max_unit=max_unit)
+        sm = stream(build_empty(spec.build), weights, budget=e.minimum_bytes, max_unit=ORDER_UNIT)
     with sm:
-        sm(*inputs)  # the first call records the order; units are merged along it
+        sm(*inputs)  # the first call records the order the modules really ran in
         prog = sm.cap.program
-    units, placed = [], set()
+    roots = tuple(r for u in prog.steps for r in prog.units[u].roots)
+    units: list[tuple[str, list[str]]] = []
+    placed: set[str] = set()
+    size = 0
     for u in dict.fromkeys(prog.steps):
         ts = [t for t in prog.units[u].tensors if t not in placed]  # a tied tensor goes with its first user
         placed.update(ts)
-        if ts:
+        b = sum(sm.index.tensors[t].nbytes for t in ts)
+        if not ts:
+            continue
+        if units and size + b <= max_unit:
+            units[-1] = (f"{units[-1][0].split('+')[0]}+{prog.units[u].name}", units[-1][1] + ts)
+            size += b
+        else:
             units.append((prog.units[u].name, ts))
-    return units
+            size = b
+    return units, roots
 
 
 def _same_file(a: str, b: str) -> bool:
@@ -128,14 +146,14 @@ def pack(src: str | os.PathLike, out: str | os.PathLike, *, spec=None, dtype: st
     tensors = index.tensors
     nbytes = {n: t.nbytes for n, t in tensors.items()}
     if spec is not None:
-        units = units_by_model(spec, src, max_unit)
+        units, roots = units_by_model(spec, src, max_unit)
         placed = {t for _, ts in units for t in ts}
         rest = [n for n in tensors if n not in placed]
         if rest:  # in the file but unused by the model: kept, after everything the model reads
             units += units_by_name(rest, nbytes, max_unit)
         order = "model"
     else:
-        units = units_by_name(list(tensors), nbytes, max_unit)
+        units, roots = units_by_name(list(tensors), nbytes, max_unit), ()
         order = "names"
     target = DTYPES.get(dtype) if dtype else None
 
@@ -147,7 +165,7 @@ def pack(src: str | os.PathLike, out: str | os.PathLike, *, spec=None, dtype: st
     lay = layout_pack([(name, [entry(n) for n in ts]) for name, ts in units])
     meta = {k: v for k, v in meta.items() if k != META_KEY}
     meta.setdefault("format", "pt")  # transformers refuses safetensors files without it
-    head = header_bytes(lay, meta)
+    head = header_bytes(lay, meta, roots=roots)
     tmp = f"{out}.partial-{os.getpid()}"
     fds: dict[str, int] = {}
     try:
@@ -174,7 +192,7 @@ def pack(src: str | os.PathLike, out: str | os.PathLike, *, spec=None, dtype: st
                     pos = lay.offsets[n] + lay.entries[n].nbytes
                 done_units.append(PackUnit(u.name, u.tensors, u.begin, u.end, h.hexdigest(), tuple(digests)))
             f.truncate(data_start + lay.data_bytes)  # trailing pads are holes that read as zeros
-            final = header_bytes(lay, meta, tuple(done_units))
+            final = header_bytes(lay, meta, tuple(done_units), roots)
             assert len(final) == len(head), "digests are fixed-width: the header cannot change length"
             f.seek(8)
             f.write(final)

@@ -95,7 +95,8 @@ def layout_pack(units: list[tuple[str, list[PackEntry]]]) -> PackLayout:
     return PackLayout(entries, offsets, tuple(pads), tuple(out), pos)
 
 
-def header_bytes(lay: PackLayout, metadata: dict[str, str], units: tuple[PackUnit, ...] | None = None) -> bytes:
+def header_bytes(lay: PackLayout, metadata: dict[str, str], units: tuple[PackUnit, ...] | None = None,
+                 roots: tuple[str, ...] = ()) -> bytes:
     """The safetensors header JSON, padded with spaces so the data starts on a 4 KiB boundary.
 
     Without `units` the digests are zero placeholders of the final width: pack writes this first,
@@ -106,6 +107,8 @@ def header_bytes(lay: PackLayout, metadata: dict[str, str], units: tuple[PackUni
         [u.name, u.begin, u.end, u.digest, [[t, d] for t, d in zip(u.tensors, u.tensor_digests or
                                                                   (_NO_HASH,) * len(u.tensors))]]
         for u in units]}
+    if roots:  # the module paths one call ran, in order (a model-ordered pack): the first call's guess
+        table["roots"] = list(roots)
     head: dict = {"__metadata__": {**metadata, META_KEY: json.dumps(table, separators=(",", ":"))}}
     items = [(n, lay.entries[n].dtype, list(lay.entries[n].shape), o, o + lay.entries[n].nbytes)
              for n, o in lay.offsets.items()]
@@ -177,6 +180,15 @@ def rename_units(table: tuple[PackUnit, ...], original: FileIndex, renamed: File
 
     return tuple(PackUnit(u.name, tuple(new(t) for t in u.tensors), u.begin, u.end, u.digest, u.tensor_digests)
                  for u in table)
+
+
+def recorded_roots(index: FileIndex) -> tuple[str, ...]:
+    """The module paths a model-ordered pack recorded one call running, in order; () if none."""
+    try:
+        roots = json.loads(index.metadata.get(META_KEY, "{}")).get("roots", [])
+    except (ValueError, AttributeError):
+        return ()  # unit_table() names what is wrong with the table
+    return tuple(roots) if isinstance(roots, list) and all(isinstance(r, str) for r in roots) else ()
 
 
 @dataclass(frozen=True)

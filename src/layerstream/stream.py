@@ -17,7 +17,7 @@ from .format import FileIndex
 from .layout import unit_layout
 from .measure import disk_read_bps
 from .outputs import tensors_of
-from .packfile import checks_for, rename_units, unit_table
+from .packfile import checks_for, recorded_roots, rename_units, unit_table
 from .plan import Plan, plan_fill
 from .plan.types import PlanError
 from .plan.calibrate import calibrate_read_bps
@@ -95,7 +95,11 @@ class StreamedModel(nn.Module):
             plan, max_unit, root_order = _read_plan_file(plan, max_unit)
         self.max_unit = max_unit or default_max_unit(self.budget_bytes)
         cap = capture(model, self.index, self.max_unit)
-        if root_order:  # the plan names units of the profiled cut: merged along the order it recorded
+        if not root_order and plan is None and self.unit_table:
+            # A packed file knows the order: a better first guess than registration order, so even the
+            # first (cold) call reads ahead the units it needs instead of missing them.
+            root_order = pack_order(cap, self.index)
+        if root_order:  # a plan's units, or the pack's order: merged along that order
             cap = fuse(cap, root_order, self.max_unit, self.index)
         self._set_capture(cap)
         self._learning = "done" if plan is not None else "order"  # a plan the user passed is kept as it is
@@ -342,6 +346,22 @@ def _shape_key(args, kwargs) -> tuple:
     """The shapes of a call's tensor arguments, but an attention mask's (it grows by one per decoded token)."""
     items = list(enumerate(args)) + [(k, v) for k, v in kwargs.items() if k != "attention_mask"]
     return tuple((k, tuple(v.shape)) for k, v in items if isinstance(v, torch.Tensor))
+
+
+def pack_order(cap, index: FileIndex) -> list[str]:
+    """The first call's guess from a packed file: the module paths its pack recorded running (each
+    mapped to the unit root that holds it in this cut), else the units in file order."""
+    roots = cap.base_root_units
+    out = []
+    for path in recorded_roots(index):
+        while path not in roots and path:
+            path = path.rpartition(".")[0]
+        if path in roots:
+            out.append(path)
+    if out:
+        return out + [r for r in roots if r not in set(out)]
+    first = {u.uid: min(index.tensors[t].begin for t in u.tensors) for u in cap.base.units if u.tensors}
+    return [r for uid in sorted(first, key=first.get) for r in cap.base.units[uid].roots]
 
 
 def _read_plan_file(path, max_unit: int | None) -> tuple[Plan, int | None, list[str] | None]:
