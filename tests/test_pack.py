@@ -293,7 +293,7 @@ def test_pack_order_is_the_first_calls_guess(saved, tmp_path, name):
         with ls.stream(s.model(), path, budget=_min_budget(s, path) * 13 // 10, max_unit=16 * 1024) as sm:
             sm(*s.inputs)
             misses[path] = sm.report().demand_misses
-    assert misses[out] < misses[s.s.path] and misses[out] <= 3, misses
+    assert misses[out] == 0 < misses[s.s.path], misses
 
 
 def _min_budget(s, path) -> int:
