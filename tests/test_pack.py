@@ -302,3 +302,23 @@ def _min_budget(s, path) -> int:
     except ls.BudgetError as e:
         return e.minimum_bytes
     raise AssertionError("a 1-byte budget was accepted")
+
+
+def test_model_order_pack_of_a_base_checkpoint_keeps_the_file_names(tmp_path):
+    """Ordering by a head model renames the base checkpoint's tensors while streaming; the pack keeps
+    the names the file had, and packing a folder into itself is refused."""
+    from transformers import GPT2LMHeadModel, GPT2Model
+
+    from layerstream.zoo import ModelSpec
+    torch.manual_seed(0)
+    GPT2Model(_tiny_gpt2_config()).eval().save_pretrained(tmp_path / "base")
+    src = str(tmp_path / "base" / "model.safetensors")
+    spec = ModelSpec("head", lambda: GPT2LMHeadModel(_tiny_gpt2_config()).eval(),
+                     lambda: (torch.randint(0, 512, (1, 16), generator=torch.Generator().manual_seed(1)),), "")
+    out = str(tmp_path / "base.packed.safetensors")
+    r = pack(src, out, spec=spec, max_unit=SMALL_UNIT)
+    assert r.order == "model"
+    same_tensors(src, out)
+    assert not any(n.startswith("transformer.") for n in read_index(out).tensors)
+    with pytest.raises(PackError, match="folder being packed"):
+        pack_folder(str(tmp_path / "base"), str(tmp_path / "base"))

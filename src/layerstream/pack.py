@@ -100,14 +100,18 @@ def units_by_model(spec, weights: str, max_unit: int) -> tuple[list[tuple[str, l
     with sm:
         sm(*inputs)  # the first call records the order the modules really ran in
         prog = sm.cap.program
+    # Back to the file's names where streaming renamed them to the model's (offsets do not change).
+    raw = read_checkpoint(weights).tensors
+    file_name = {(t.begin, t.end): n for n, t in raw.items()}
+    named = {n: n if n in raw else file_name[(t.begin, t.end)] for n, t in sm.index.tensors.items()}
     roots = tuple(r for u in prog.steps for r in prog.units[u].roots)
     units: list[tuple[str, list[str]]] = []
     placed: set[str] = set()
     size = 0
     for u in dict.fromkeys(prog.steps):
-        ts = [t for t in prog.units[u].tensors if t not in placed]  # a tied tensor goes with its first user
+        ts = [named[t] for t in prog.units[u].tensors if named[t] not in placed]  # a tied tensor: its first user
         placed.update(ts)
-        b = sum(sm.index.tensors[t].nbytes for t in ts)
+        b = sum(sm.index.tensors[t].nbytes for t in prog.units[u].tensors if named[t] in ts)
         if not ts:
             continue
         if units and size + b <= max_unit:
@@ -215,6 +219,8 @@ def pack_folder(src: str, out: str, **kwargs) -> PackResult:
     """A HF folder -> a folder with the same config/tokenizer files and one packed model.safetensors."""
     if os.path.exists(out) and not os.path.isdir(out):
         raise PackError(f"{out} exists and is not a folder; packing a folder writes a folder")
+    if os.path.isdir(out) and _same_file(src, out):
+        raise PackError(f"{out} is the folder being packed; write the pack to another folder")
     os.makedirs(out, exist_ok=True)
     result = pack(src, os.path.join(out, "model.safetensors"), **kwargs)
     for name in os.listdir(src):
