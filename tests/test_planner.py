@@ -1,4 +1,4 @@
-"""The cost-model planner: simulator goldens worked out by hand, greedy goldens, planner properties.
+"""The cost-model planner: greedy goldens worked out by hand and planner properties (simulator: test_simulate).
 
 Everything here is pure (no torch, no files): Programs, sizes and costs are made by hand or drawn by
 hypothesis. Times in the goldens are sums of binary fractions (0.25, 0.5, 1.5, ...), so the simulator's
@@ -27,87 +27,6 @@ def program(steps, n: int, pinned=()) -> Program:
     """Units 0..n-1 (uid == index, as Program.units is indexed by uid), module "m{i}" each."""
     units = tuple(Unit(i, f"u{i}", (f"m{i}",), (f"t{i}",), 0, i in pinned) for i in range(n))
     return Program(units, tuple(steps), ())
-
-
-# ---- simulate: goldens -----------------------------------------------------------------------------
-
-def test_everything_resident_is_pure_compute():
-    # Unit 1 runs twice. Nothing streams: latency = pre + sum(compute) = 0.0625 + 0.125 + 0.25 + 0.5
-    # + 0.25 = 1.1875, no stall, and the arena holds exactly the 1 + 2 + 3 = 6 resident pages.
-    prog = program((0, 1, 2, 1), 3)
-    sizes = {0: P, 1: 2 * P, 2: 3 * P}
-    costs = CostModel((0.125, 0.25, 0.5, 0.25), 0.0625, read_bps=1e6)
-    plan = plan_fill(prog, sizes, 6 * P)
-    assert plan.loads == () and plan.ring_bytes == 0 and plan.resident_ids == {0, 1, 2}
-    for calls in (1, 3):  # no reads: a cold call is a warm one
-        pred = simulate(prog, sizes, costs, plan, calls=calls)
-        assert pred.latency_s == 1.1875 == costs.compute_total_s
-        assert pred.stall_s == 0 and pred.stalls_s == (0, 0, 0, 0)
-        assert pred.peak_bytes == 6 * P
-
-
-def test_one_streamed_unit_reads_during_the_previous_calls_tail():
-    # Steps: r0 (resident, 0.5 s), s (streamed, 10 pages, 1.0 s), r2 (resident, 0.5 s); pre 0.25 s.
-    # Reading s takes 0.5 s latency + 10 pages / (10 pages/s) = 1.5 s; the ring holds exactly s.
-    #   cold call 1 (t=0): s issued at 0, done 1.5; pre + r0 end at 0.75 -> stall 0.75;
-    #       s computes 1.5 -> 2.5 and is released (its bytes are free), r2 runs 2.5 -> 3.0.
-    #   call 2 (3.0): s was issued at 2.5, during call 1's tail (r2), done 4.0; pre + r0 end at
-    #       3.75 -> stall 0.25; s 4.0 -> 5.0 released; r2 -> 5.5. Latency 2.5.
-    #   call 3 (5.5): issued 5.0, done 6.5; needed at 6.25 -> stall 0.25; ends 8.0. Latency 2.5.
-    # Warm: 1.25 s of compute (r2 + pre + r0) hides 1.25 of the 1.5 s read. Had the next load waited
-    # for the call to start, the stall would be 0.75 and the latency 3.0, as in the cold call.
-    prog = program((0, 1, 2), 3)
-    sizes = {0: P, 1: 10 * P, 2: P}
-    costs = CostModel((0.5, 1.0, 0.5), 0.25, read_bps=10 * P, read_lat_s=0.5)
-    plan = Plan(12 * P, ((0, 0), (2, P)), 2 * P, 10 * P, ((1, 0),))
-    plan.validate(sizes)
-    warm = simulate(prog, sizes, costs, plan)  # calls=3: the third call is reported
-    assert warm.latency_s == 2.5
-    assert warm.stall_s == 0.25 and warm.stalls_s == (0, 0.25, 0)
-    assert warm.peak_bytes == 12 * P  # two resident pages + the one 10-page load
-    cold = simulate(prog, sizes, costs, plan, calls=1)
-    assert (cold.latency_s, cold.stall_s, cold.stalls_s) == (3.0, 0.75, (0, 0.75, 0))
-    assert simulate(prog, sizes, costs, plan, calls=2).latency_s == 2.5
-
-
-def test_loads_sharing_ring_bytes_wait_for_the_release():
-    # Two streamed 10-page units a, b in a 10-page ring (the minimum budget): both sit at offset 0.
-    # Each read takes 0.5 + 1.0 = 1.5 s, each compute 1.0 s, no pre.
-    #   call 1: a read 0 -> 1.5, computes -> 2.5, released; only then b issues: 2.5 -> 4.0, stall 1.5,
-    #       computes -> 5.0. Next call's a issues when b is released at 5.0, and so on:
-    #   every warm call: stall 1.5 + compute 1.0 per unit = 5.0 s, stall 3.0.
-    prog = program((0, 1), 2)
-    sizes = {0: 10 * P, 1: 10 * P}
-    costs = CostModel((1.0, 1.0), 0.0, read_bps=10 * P, read_lat_s=0.5)
-    plan = plan_fill(prog, sizes, 10 * P)
-    assert plan.ring_bytes == 10 * P and plan.loads == ((0, 0), (1, 0))
-    pred = simulate(prog, sizes, costs, plan)
-    assert pred.latency_s == 5.0
-    assert pred.stall_s == 3.0 and pred.stalls_s == (1.5, 1.5)
-    assert pred.peak_bytes == 10 * P  # never both at once
-    # With a 20-page ring b reads while a computes: the disk is the bottleneck, 2 x 1.5 = 3.0 s per
-    # warm call (each step waits 0.5: its read started when the previous read ended, 1.5 s before it
-    # is done, and only 1.0 s of compute ran since). Both are live at once: peak 20 pages.
-    wide = Plan(20 * P, (), 0, 20 * P, ((0, 0), (1, 10 * P)))
-    pred = simulate(prog, sizes, costs, wide)
-    assert pred.latency_s == 3.0 and pred.stalls_s == (0.5, 0.5)
-    assert pred.peak_bytes == 20 * P
-
-
-def test_reads_hidden_behind_compute_cost_nothing_when_warm():
-    # Two 1-page units in a 2-page ring; a read takes 1 page / (4 pages/s) = 0.25 s, compute 1.0 s each.
-    #   cold call: a read 0 -> 0.25 (stall 0.25), b read 0.25 -> 0.5 while a computes. Latency 2.25.
-    #   warm: a's next read issues when a is released (during b's 1.0 s), b's when b is released, and
-    #       0.25 s of it hides behind the next call's a. Stall exactly 0, latency == compute == 2.0.
-    prog = program((0, 1), 2)
-    sizes = {0: P, 1: P}
-    costs = CostModel((1.0, 1.0), 0.0, read_bps=4 * P, read_lat_s=0.0)
-    plan = Plan(2 * P, (), 0, 2 * P, ((0, 0), (1, P)))
-    warm = simulate(prog, sizes, costs, plan)
-    assert warm.stall_s == 0.0 and warm.stalls_s == (0.0, 0.0)
-    assert warm.latency_s == 2.0 == costs.compute_total_s
-    cold = simulate(prog, sizes, costs, plan, calls=1)
-    assert cold.latency_s == 2.25 and cold.stalls_s == (0.25, 0.0)
 
 
 # ---- plan_greedy: goldens --------------------------------------------------------------------------
