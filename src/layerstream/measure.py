@@ -10,7 +10,7 @@ from collections import deque
 import numpy as np
 
 from .runtime.arena import Arena
-from .runtime.executor import Load
+from .runtime.load import Load
 from .runtime.io import make_io, open_reader
 from .runtime.trace import Trace
 

@@ -17,11 +17,9 @@ fill the ring with the next model's first loads (`prefetch`) or take them back (
 """
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Iterable
 
 import torch
-import xxhash
 from torch import nn
 
 from ..budget import fmt_bytes
@@ -31,21 +29,9 @@ from ..plan import Plan
 from ..units import UnitLayout
 from .arena import Arena
 from .io import IOBackend
+from .load import Load
 from .trace import Trace
-
-
-class Load:
-    """One read of a unit into arena bytes [addr, addr + nbytes); `off` is ring-relative (None if resident)."""
-
-    __slots__ = ("uid", "off", "addr", "nbytes", "planned", "pending", "done", "error", "host_off", "copied")
-
-    def __init__(self, uid: int, off: int | None, addr: int, nbytes: int, planned: bool = False):
-        self.uid, self.off, self.addr, self.nbytes, self.planned = uid, off, addr, nbytes, planned
-        self.host_off = off if off is not None else 0  # where a staged (CUDA) read lands in pinned memory
-        self.copied = None  # CUDA: the event of its host-to-device copy
-        self.pending = 0
-        self.done = threading.Event()
-        self.error: BaseException | None = None
+from .verify import verify
 
 
 class Stats:
@@ -305,17 +291,13 @@ class Executor:
             self.stage.ready(load)
 
     def _verify(self, load: Load) -> None:
-        """Hash the landed bytes against the packed file's digests (xxh3: ~7 GB/s, off the GIL)."""
         t0 = Trace.now()
         mem, base = (self.arena.mem, load.addr) if self.stage is None else (self.stage.host.mem, load.host_off)
-        for c in self.checks[load.uid]:
-            got = xxhash.xxh3_64_hexdigest(mem[base + c.slot_off:base + c.slot_off + c.nbytes])
-            if got != c.digest:
-                load.error = ChecksumError(
-                    f"unit {load.uid} ({self.units[load.uid].name}): the bytes of {c.what} read from the file "
-                    f"hash to {got}, but the pack recorded {c.digest}: the file was changed or corrupted after "
-                    "it was packed; pack it again from its source (or pass verify=False to skip checks)")
-                raise load.error
+        try:
+            verify(mem, base, self.checks[load.uid], f"unit {load.uid} ({self.units[load.uid].name})")
+        except ChecksumError as e:
+            load.error = e  # the load's bytes are wrong: never bound, given back by the caller
+            raise
         self.trace.add(f"verify u{load.uid}", "verify", t0, Trace.now(), "compute")
 
     # ---- demand misses and dropped prefetches ---------------------------------------------------
