@@ -17,6 +17,7 @@ from torch import nn
 from .errors import MetaBufferError, WeightMismatch
 from .format import FileIndex
 from .layout import unit_layout
+from .packfile import recorded_roots
 from .units import Program, TensorRef, Unit
 
 TORCH_TO_ST = {
@@ -219,3 +220,19 @@ def fuse(cap: Captured, root_order: list[str], merge_bytes: int, index: FileInde
             units.append(Unit(len(units), u.name, u.roots, u.tensors, u.nbytes, u.pinned))
     program = Program(tuple(units), tuple(steps), cap.base.tensors)
     return Captured(program, cap.owners, cap.originals, cap.roots, _root_units(units), cap.base)
+
+
+def packed_order(cap, index: FileIndex) -> list[str]:
+    """The first call's guess from a packed file: the module paths its pack recorded running (each
+    mapped to the unit root that holds it in this cut), else the units in file order."""
+    roots = cap.base_root_units
+    out = []
+    for path in recorded_roots(index):
+        while path not in roots and path:
+            path = path.rpartition(".")[0]
+        if path in roots:
+            out.append(path)
+    if out:
+        return out + [r for r in roots if r not in set(out)]
+    first = {u.uid: min(index.tensors[t].begin for t in u.tensors) for u in cap.base.units if u.tensors}
+    return [r for uid in sorted(first, key=first.get) for r in cap.base.units[uid].roots]

@@ -121,16 +121,21 @@ def cmd_tradeoff(a) -> int:
     return 0
 
 
-def cmd_profile(a) -> int:
-    """Measure (or find cached) the cost model planning uses, and say what it holds."""
-    import shutil
-
+def _profiled(a):
+    """(spec, weights, profile, its cache path, whether it was cached) for `profile` and `plan`."""
     from .models import resolve, weights_for
     from .profile import load_or_profile
 
     spec = resolve(a.model)
     weights = weights_for(a.model, spec, a.weights)
-    prof, path, cached = load_or_profile(spec, weights, a.budget, a.device, a.max_unit, refresh=a.refresh, log=_log)
+    return (spec, weights, *load_or_profile(spec, weights, a.budget, a.device, a.max_unit, refresh=a.refresh, log=_log))
+
+
+def cmd_profile(a) -> int:
+    """Measure (or find cached) the cost model planning uses, and say what it holds."""
+    import shutil
+
+    _, _, prof, path, cached = _profiled(a)
     print(f"{a.model} on {prof.key['device']}: " + ("cached" if cached else f"measured in {prof.measured_s:.1f} s")
           + f" ({path})\n  {prof.summary()}")
     if a.json:
@@ -145,15 +150,12 @@ def cmd_plan(a) -> int:
 
     from .budget import fmt_bytes, parse_budget
     from .meta import build_empty
-    from .models import resolve, weights_for
     from .plan.describe import describe
     from .plan.greedy import plan_greedy
-    from .profile import load_or_profile
+    from .planfile import write_plan_file
     from .stream import model_weight_bytes
 
-    spec = resolve(a.model)
-    weights = weights_for(a.model, spec, a.weights)
-    prof, path, cached = load_or_profile(spec, weights, a.budget, a.device, a.max_unit, refresh=a.refresh, log=_log)
+    spec, weights, prof, path, cached = _profiled(a)
     if cached:
         _log(f"profile of {a.model} from {path} (--refresh to measure again)")
     budget = parse_budget(a.budget, model_weight_bytes(build_empty(spec.build)))
@@ -173,15 +175,9 @@ def cmd_plan(a) -> int:
     print(f"{a.model} on {prof.key['device']}, units of at most {fmt_bytes(prof.max_unit)}:")
     print(describe(program, sizes, costs, plan, pred, **words))
     if a.json:
-        d = json.loads(plan.to_json())  # Plan.from_json reads this file back; the rest is for people
-        # The plan names units of the profiled cut: units of at most max_unit, merged along the order
-        # the profiled call took (root_order, what capture.fuse takes), so a runtime can rebuild it.
-        root_order = [r for u in program.steps for r in program.units[u].roots]
-        d.update(model=a.model, weights=str(weights), device=a.device, max_unit=prof.max_unit,
-                 root_order=root_order, predicted_latency_s=pred.latency_s, predicted_stall_s=pred.stall_s,
-                 predicted_peak_bytes=pred.peak_bytes, **extra)
-        with open(a.json, "w") as f:
-            json.dump(d, f, indent=1)
+        write_plan_file(a.json, plan, program, prof.max_unit, model=a.model, weights=str(weights), device=a.device,
+                        predicted_latency_s=pred.latency_s, predicted_stall_s=pred.stall_s,
+                        predicted_peak_bytes=pred.peak_bytes, **extra)
         _log(f"plan written to {a.json}: stream(model, weights, budget, plan={a.json!r}) carries it out "
              f"(units of at most {prof.max_unit} bytes merged along root_order, the cut the profile ran)")
     return 0

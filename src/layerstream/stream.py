@@ -10,16 +10,16 @@ import torch
 from torch import nn
 
 from .budget import parse_budget
-from .capture import ST_TO_TORCH, capture, fuse
+from .capture import ST_TO_TORCH, capture, fuse, packed_order
 from .checkpoint import read_checkpoint, shard_paths
 from .errors import ClosedError, ModelError
 from .format import FileIndex
 from .layout import unit_layout
 from .measure import disk_read_bps
 from .outputs import tensors_of
-from .packfile import checks_for, recorded_roots, rename_units, unit_table
+from .packfile import checks_for, rename_units, unit_table
+from .planfile import read_plan_file
 from .plan import Plan, plan_fill
-from .plan.types import PlanError
 from .plan.calibrate import calibrate_read_bps
 from .plan.cost import CostModel, costs_from_record, with_read_tax
 from .plan.greedy import plan_greedy
@@ -92,13 +92,13 @@ class StreamedModel(nn.Module):
         self.budget_bytes = parse_budget(budget, self.weight_bytes)
         root_order = None
         if isinstance(plan, (str, os.PathLike)):  # a file `layerstream plan --json` wrote
-            plan, max_unit, root_order = _read_plan_file(plan, max_unit)
+            plan, max_unit, root_order = read_plan_file(plan, max_unit)
         self.max_unit = max_unit or default_max_unit(self.budget_bytes)
         cap = capture(model, self.index, self.max_unit)
         if not root_order and plan is None and self.unit_table:
             # A packed file knows the order: a better first guess than registration order, so even the
             # first (cold) call reads ahead the units it needs instead of missing them.
-            root_order = pack_order(cap, self.index)
+            root_order = packed_order(cap, self.index)
         if root_order:  # a plan's units, or the pack's order: merged along that order
             cap = fuse(cap, root_order, self.max_unit, self.index)
         self._set_capture(cap)
@@ -346,35 +346,6 @@ def _shape_key(args, kwargs) -> tuple:
     """The shapes of a call's tensor arguments, but an attention mask's (it grows by one per decoded token)."""
     items = list(enumerate(args)) + [(k, v) for k, v in kwargs.items() if k != "attention_mask"]
     return tuple((k, tuple(v.shape)) for k, v in items if isinstance(v, torch.Tensor))
-
-
-def pack_order(cap, index: FileIndex) -> list[str]:
-    """The first call's guess from a packed file: the module paths its pack recorded running (each
-    mapped to the unit root that holds it in this cut), else the units in file order."""
-    roots = cap.base_root_units
-    out = []
-    for path in recorded_roots(index):
-        while path not in roots and path:
-            path = path.rpartition(".")[0]
-        if path in roots:
-            out.append(path)
-    if out:
-        return out + [r for r in roots if r not in set(out)]
-    first = {u.uid: min(index.tensors[t].begin for t in u.tensors) for u in cap.base.units if u.tensors}
-    return [r for uid in sorted(first, key=first.get) for r in cap.base.units[uid].roots]
-
-
-def _read_plan_file(path, max_unit: int | None) -> tuple[Plan, int | None, list[str] | None]:
-    """(plan, unit size, root order) from a plan file; the file's unit size wins (its units need it)."""
-    import json
-
-    with open(path) as f:
-        text = f.read()
-    d = json.loads(text)
-    if max_unit is not None and d.get("max_unit") not in (None, max_unit):
-        raise PlanError(f"{path} plans units of at most {d['max_unit']} bytes; drop max_unit={max_unit} "
-                        "or plan again with that unit size")
-    return Plan.from_json(text), d.get("max_unit") or max_unit, d.get("root_order")
 
 
 def _move_real_buffers(model: nn.Module, device: torch.device) -> None:
