@@ -150,3 +150,8 @@ def align_names(index: FileIndex, model_names: Iterable[str]) -> FileIndex:
 def shard_paths(index: FileIndex) -> list[str]:
     """The files behind an index: its shards, or its one file."""
     return [p for _, p in index.parts] or [index.path]
+
+
+def shard_of(index: FileIndex, offset: int) -> tuple[int, str]:
+    """(base, file) of the shard holding virtual `offset`: file offset = offset - base."""
+    return max(((b, p) for b, p in index.parts if b <= offset), default=(0, index.path))

@@ -7,7 +7,7 @@ from safetensors import safe_open
 from torch import nn
 
 from .capture import match_file
-from .checkpoint import read_checkpoint
+from .checkpoint import read_checkpoint, shard_of
 
 
 def load_eager(model: nn.Module, path: str | os.PathLike) -> nn.Module:
@@ -25,11 +25,10 @@ def load_eager(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     _, owners, _, _ = match_file(model, index)
     # Back from the model's names to each tensor's shard and stored name (renaming keeps offsets).
     stored = {(t.begin, t.end): n for n, t in raw.tensors.items()}
-    parts = sorted(raw.parts) or [(0, raw.path)]
     by_shard: dict[str, list[tuple[str, str]]] = {}
     for name in owners:
         t = index.tensors[name]
-        shard = max((p for p in parts if p[0] <= t.begin), key=lambda p: p[0])[1]
+        shard = shard_of(raw, t.begin)[1]
         by_shard.setdefault(shard, []).append((name, name if name in raw.tensors else stored[(t.begin, t.end)]))
     for shard, names in by_shard.items():
         with safe_open(shard, framework="pt") as f:

@@ -23,7 +23,7 @@ import xxhash
 
 from .budget import fmt_bytes
 from .capture import ST_TO_TORCH, TORCH_TO_ST
-from .checkpoint import read_checkpoint, shard_paths
+from .checkpoint import read_checkpoint, shard_of, shard_paths
 from .errors import BudgetError, LayerstreamError
 from .format import FileIndex, FileTensor, NoWeightFile
 from .packfile import META_KEY, PackEntry, PackUnit, header_bytes, layout_pack
@@ -236,7 +236,7 @@ def _itemsize(dt: str) -> int:
 
 def _chunks(index: FileIndex, t: FileTensor, dtype: str, fds: dict[str, int]):
     """The tensor's bytes in `dtype`: copied in chunks, or read whole and converted."""
-    base, path = max(((b, p) for b, p in index.parts if b <= t.begin), default=(0, index.path))
+    base, path = shard_of(index, t.begin)
     fd = fds.get(path)
     if fd is None:
         fd = fds[path] = os.open(path, os.O_RDONLY)
