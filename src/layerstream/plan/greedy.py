@@ -171,6 +171,12 @@ def plan_greedy_many(program: Program, sizes: dict[int, int], costs: CostModel,
         assert best.plan is not None  # fill always plans at a budget >= the minimum
         if k + 1 == len(grid) or best.latency_s <= floor:  # the rest of the grid cannot do better
             answers.update((b, best.plan) for b in pending)
+            # A budget that holds every unit keeps them all resident: as fast, and it reads nothing.
+            whole = [b for b in pending if b >= grid[-1]]
+            if whole and best.plan.loads:
+                everything = plan_fill(program, sizes, whole[0])
+                if not everything.loads and latency(program, sizes, costs, everything) <= best.latency_s:
+                    answers.update((b, everything) for b in whole)
             break
         nxt = grid[k + 1]
         chain = _chain(program, sizes, best.plan, order, nxt - 1 - best.plan.arena_bytes, CHAIN_PLANS)
