@@ -65,7 +65,7 @@ def test_one_byte_below_minimum_names_minimum_and_unit(saved, name):
     s = saved(name)
     # The minimum, worked out from the pure stages: pinned units + the largest streamed slot.
     index = fmt.read_index(s.path)
-    cap = capture(s.model(), index, SMALL_UNIT)
+    cap = capture(s.model(), index, SMALL_UNIT, gather=True, split=True)  # as stream() cuts
     sizes = {u.uid: unit_layout(u, index).slot_nbytes for u in cap.program.units}
     need, big = min_budget(cap.program, sizes)
     pinned = sum(sizes[u.uid] for u in cap.program.units if u.pinned)

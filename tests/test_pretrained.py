@@ -287,9 +287,9 @@ def test_minilm_real_weights_embeddings_equal_eager():
     with torch.no_grad():
         want = st(dict(features))["sentence_embedding"]
         want_hidden = st[0].model(**{k: features[k] for k in ("input_ids", "attention_mask", "token_type_ids")})
-    # The 44.7 MiB word-embedding table is one unit: the budget must hold it (row blocks are not split yet).
-    with ls.from_pretrained(folder, budget="48MiB") as sm:
-        assert sm.weight_bytes > 80 * 2**20 and sm.budget_bytes < 0.6 * sm.weight_bytes
+    # The 44.7 MiB word-embedding table reads only the rows of the sentences' tokens: 12 MiB runs it all.
+    with ls.from_pretrained(folder, budget="12MiB") as sm:
+        assert sm.weight_bytes > 80 * 2**20 and sm.budget_bytes < 0.15 * sm.weight_bytes
         got_hidden = sm(**{k: features[k] for k in ("input_ids", "attention_mask", "token_type_ids")})
         assert torch.equal(got_hidden.last_hidden_state, want_hidden.last_hidden_state)
         eager_model, st[0].model = st[0].model, sm  # the package's pipeline, its transformer streamed

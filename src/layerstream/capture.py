@@ -16,9 +16,9 @@ from torch import nn
 
 from .errors import MetaBufferError, WeightMismatch
 from .format import FileIndex
-from .layout import unit_layout
+from .layout import tensor_span, unit_layout
 from .packfile import recorded_roots
-from .units import Program, TensorRef, Unit
+from .units import Program, TensorRef, Unit, block_name
 
 TORCH_TO_ST = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -26,6 +26,7 @@ TORCH_TO_ST = {
     torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
 }
 ST_TO_TORCH = {v: k for k, v in TORCH_TO_ST.items()}
+GATHER_MIN = 8 * 2**20  # embedding tables from this size read only the rows a call looks up
 
 
 @dataclass
@@ -51,6 +52,10 @@ class Captured:
     roots: dict[str, nn.Module]  # module path -> module, for every unit root
     root_units: dict[str, list[int]]  # module path -> unit ids it needs
     base: Program  # the unmerged cut, which fuse() merges again from each recorded order
+    virtual: dict[str, TensorRef] = None  # the row blocks that block units hold (units.block_name)
+
+    def __post_init__(self):
+        self.virtual = self.virtual or {}
 
     @property
     def base_root_units(self) -> dict[str, list[int]]:
@@ -116,9 +121,16 @@ def match_file(model: nn.Module, index: FileIndex):
     return names_of, owners, refs, originals
 
 
-def capture(model: nn.Module, index: FileIndex, max_unit: int) -> Captured:
-    """Cut `model` into load units against the weight file `index` (see module docstring); unmerged."""
+def capture(model: nn.Module, index: FileIndex, max_unit: int, *, gather: bool = False,
+            split: bool = False) -> Captured:
+    """Cut `model` into load units against the weight file `index` (see module docstring); unmerged.
+
+    With `gather`, a large embedding table is a gather unit (only the rows looked up are read); with
+    `split`, a linear layer larger than `max_unit` is cut into row blocks computed one after another
+    (lookup.py), so no single unit is larger than `max_unit` and a small budget still runs it.
+    """
     names_of, owners, refs, originals = match_file(model, index)
+    virtual: dict[str, TensorRef] = {}
 
     def own(mod: nn.Module) -> list[str]:
         ts = [t for t in list(mod._parameters.values()) + list(mod._buffers.values()) if t is not None]
@@ -135,9 +147,40 @@ def capture(model: nn.Module, index: FileIndex, max_unit: int) -> Captured:
         return subtree[id(mod)]
 
     def nbytes(names: list[str]) -> int:
-        return sum(refs[n].nbytes for n in names)
+        return sum((refs.get(n) or virtual[n]).nbytes for n in names)
 
-    raw: list[tuple[str, list[str], bool]] = []  # (root path, tensors, pinned), in registration order
+    def stored_as_model(t: torch.Tensor) -> bool:
+        ref = refs.get(names_of.get(id(t)))
+        return ref is not None and ref.dtype == TORCH_TO_ST.get(t.dtype) and tuple(ref.shape) == tuple(t.shape)
+
+    def gatherable(mod: nn.Module, names: list[str]) -> bool:
+        return (gather and type(mod) is nn.Embedding and mod.max_norm is None and names == own(mod)
+                and len(names) == 1 and stored_as_model(mod.weight) and refs[names[0]].nbytes >= GATHER_MIN)
+
+    def blocks(mod: nn.Module, names: list[str]) -> list[list[str]]:
+        """Row blocks of an oversized nn.Linear, each at most max_unit; [] if it is not one."""
+        if not (split and type(mod) is nn.Linear and names == own(mod) and nbytes(names) > max_unit
+                and all(stored_as_model(t) for t in (mod.weight, mod.bias) if t is not None)):
+            return []
+        parts = [t for t in (mod.weight, mod.bias) if t is not None]
+        rows = mod.weight.shape[0]
+        per_row = sum(t.numel() // rows * t.element_size() for t in parts)
+        # Blocks of a multiple of 64 rows: their products equal the whole layer's bit for bit on the
+        # CPU kernels we measured (odd block sizes change the summation order of some rows).
+        step = max(64, max_unit // per_row // 64 * 64)
+        out = []
+        for lo in range(0, rows, step):
+            hi = min(rows, lo + step)
+            names_b = []
+            for t in parts:
+                ref = refs[names_of[id(t)]]
+                vname = block_name(ref.name, lo, hi)
+                virtual[vname] = TensorRef(vname, ref.dtype, (hi - lo, *ref.shape[1:]), ref.nbytes // rows * (hi - lo))
+                names_b.append(vname)
+            out.append(names_b)
+        return out
+
+    raw: list[tuple[str, list[str], bool, str]] = []  # (root path, tensors, pinned, mode), in registration order
     seen: set[int] = set()
     roots: dict[str, nn.Module] = {}
 
@@ -149,21 +192,29 @@ def capture(model: nn.Module, index: FileIndex, max_unit: int) -> Captured:
         if not names:
             return
         kids = [(f"{path}.{n}" if path else n, c) for n, c in mod.named_children()]
-        if nbytes(names) <= max_unit or not any(tensors_below(c) for _, c in kids):
-            raw.append((path, names, False))
+        container = type(mod).forward is nn.Module.forward  # a ModuleList is never called: no hook fires on it
+        if (nbytes(names) <= max_unit and not container) or not any(tensors_below(c) for _, c in kids):
+            bl = blocks(mod, names)
+            raw.extend([(path, b, False, "block") for b in bl] or
+                       [(path, names, False, "gather" if gatherable(mod, names) else "")])
             roots[path] = mod
             return
         if own(mod):
-            raw.append((path, own(mod), True))
+            raw.append((path, own(mod), True, ""))
             roots[path] = mod
         for kpath, kid in kids:
             cut(kid, kpath)
 
     cut(model, "")
-    units = [Unit(i, path or "<top>", (path,), tuple(names), nbytes(names), pinned)
-             for i, (path, names, pinned) in enumerate(raw)]
+    units = [Unit(i, _unit_name(path, names, mode), (path,), tuple(names), nbytes(names), pinned, mode)
+             for i, (path, names, pinned, mode) in enumerate(raw)]
     program = Program(tuple(units), tuple(u.uid for u in units), tuple(refs.values()))
-    return Captured(program, owners, originals, roots, _root_units(units), program)
+    return Captured(program, owners, originals, roots, _root_units(units), program, virtual)
+
+
+def _unit_name(path: str, names: list[str], mode: str) -> str:
+    name = path or "<top>"
+    return f"{name}[{names[0].rpartition('=')[2]}]" if mode == "block" else name
 
 
 def _root_units(units) -> dict[str, list[int]]:
@@ -183,13 +234,12 @@ def fuse(cap: Captured, root_order: list[str], merge_bytes: int, index: FileInde
     never outgrows the largest unit already there, so fusing never raises the minimum budget.
     """
     base = cap.base.units
-    ref = {t.name: t.nbytes for t in cap.base.tensors}
 
     def slot(uids: list[int]) -> int:
         tensors = tuple(t for x in uids for t in base[x].tensors)
         return unit_layout(Unit(-1, "", (), tensors, 0), index).slot_nbytes
 
-    merge_bytes = min(merge_bytes, max((slot([u.uid]) for u in base if not u.pinned), default=0))
+    merge_bytes = min(merge_bytes, max((slot([u.uid]) for u in base if not u.pinned and not u.mode), default=0))
     opens: list[int] = []
     for path in root_order:
         for uid in cap.base_root_units[path]:
@@ -200,8 +250,9 @@ def fuse(cap: Captured, root_order: list[str], merge_bytes: int, index: FileInde
     for uid in opens:
         g = groups[-1] if groups else None
         u = base[uid]
-        if (g is not None and uid in once and all(x in once for x in g) and not u.pinned
-                and not base[g[0]].pinned and not set(u.tensors) & {t for x in g for t in base[x].tensors}
+        if (g is not None and uid in once and all(x in once for x in g) and not u.pinned and not u.mode
+                and not base[g[0]].pinned and not base[g[0]].mode
+                and not set(u.tensors) & {t for x in g for t in base[x].tensors}
                 and slot(g + [uid]) <= merge_bytes):
             g.append(uid)
         else:
@@ -213,13 +264,13 @@ def fuse(cap: Captured, root_order: list[str], merge_bytes: int, index: FileInde
             new_id[key] = len(units)
             tensors = tuple(t for x in g for t in base[x].tensors)
             units.append(Unit(len(units), "+".join(base[x].name for x in g), tuple(r for x in g for r in base[x].roots),
-                              tensors, sum(ref[t] for t in tensors), base[g[0]].pinned))
+                              tensors, sum(base[x].nbytes for x in g), base[g[0]].pinned, base[g[0]].mode))
         steps.append(new_id[key])
     for u in base:  # units this call never opened keep their own id, for a later call that does
         if not any(u.uid in g for g in groups):
-            units.append(Unit(len(units), u.name, u.roots, u.tensors, u.nbytes, u.pinned))
+            units.append(Unit(len(units), u.name, u.roots, u.tensors, u.nbytes, u.pinned, u.mode))
     program = Program(tuple(units), tuple(steps), cap.base.tensors)
-    return Captured(program, cap.owners, cap.originals, cap.roots, _root_units(units), cap.base)
+    return Captured(program, cap.owners, cap.originals, cap.roots, _root_units(units), cap.base, cap.virtual)
 
 
 def packed_order(cap, index: FileIndex) -> list[str]:
@@ -234,5 +285,5 @@ def packed_order(cap, index: FileIndex) -> list[str]:
             out.append(path)
     if out:
         return out + [r for r in roots if r not in set(out)]
-    first = {u.uid: min(index.tensors[t].begin for t in u.tensors) for u in cap.base.units if u.tensors}
+    first = {u.uid: min(tensor_span(index, t)[0] for t in u.tensors) for u in cap.base.units if u.tensors}
     return [r for uid in sorted(first, key=first.get) for r in cap.base.units[uid].roots]

@@ -7,10 +7,12 @@ small: one larger read costs less than two syscalls, and the gap's bytes are the
 from __future__ import annotations
 
 from .format import FileIndex
-from .units import Extent, Unit, UnitLayout
+from .units import Extent, Unit, UnitLayout, parse_block
 
 ALIGN = 4096  # page size: satisfies O_DIRECT on every Linux filesystem we target
 MAX_GAP = 64 * 1024  # coalesce tensors whose gap is below this; bounds the wasted slot bytes
+GATHER_SLOT = 2 * 2**20  # a gather unit's slot: the rows of a 128-token prompt of a 2048-wide fp32 table
+GATHER_ROWS = 64  # ... and at least this many rows of a wider table
 
 
 def _down(x: int) -> int:
@@ -21,9 +23,30 @@ def _up(x: int) -> int:
     return -(-x // ALIGN) * ALIGN
 
 
+def tensor_span(index: FileIndex, name: str) -> tuple[int, int]:
+    """[begin, end) file offsets of tensor `name`, or of the rows a block_name names."""
+    t = index.tensors.get(name)
+    if t is not None:
+        return t.begin, t.end
+    base, lo, hi = parse_block(name) or (name, 0, 0)
+    t = index.tensors[base]  # KeyError for a name that is neither
+    row = t.nbytes // t.shape[0]
+    return t.begin + lo * row, t.begin + hi * row
+
+
+def gather_layout(unit: Unit, index: FileIndex) -> UnitLayout:
+    """A gather unit reads nothing ahead: its slot is scratch for the rows one lookup reads (lookup.py)."""
+    t = index.tensors[unit.tensors[0]]
+    row = t.nbytes // t.shape[0]
+    slot = min(_up(t.nbytes) + ALIGN, max(GATHER_SLOT, GATHER_ROWS * (_up(row) + ALIGN)))
+    return UnitLayout(unit.uid, (), (), slot, t.end, (t.begin, row))
+
+
 def unit_layout(unit: Unit, index: FileIndex) -> UnitLayout:
     """Aligned extents covering the unit's tensors, and each tensor's offset in the unit's slot."""
-    spans = sorted((index.tensors[n].begin, index.tensors[n].end, n) for n in unit.tensors)
+    if unit.mode == "gather":
+        return gather_layout(unit, index)
+    spans = sorted((*tensor_span(index, n), n) for n in unit.tensors)
     groups: list[list[tuple[int, int, str]]] = []
     for s in spans:
         if groups and _down(s[0]) <= _up(groups[-1][-1][1]) + MAX_GAP:

@@ -27,6 +27,7 @@ from .checkpoint import read_checkpoint, shard_of, shard_paths
 from .errors import BudgetError, LayerstreamError
 from .format import FileIndex, FileTensor, NoWeightFile
 from .packfile import META_KEY, PackEntry, PackUnit, header_bytes, layout_pack
+from .units import parse_block
 
 COPY_CHUNK = 16 * 2**20
 DEFAULT_MAX_UNIT = 16 * 2**20
@@ -109,16 +110,19 @@ def units_by_model(spec, weights: str, max_unit: int) -> tuple[list[tuple[str, l
     placed: set[str] = set()
     size = 0
     for u in dict.fromkeys(prog.steps):
-        ts = [named[t] for t in prog.units[u].tensors if named[t] not in placed]  # a tied tensor: its first user
+        # A row block stands for its whole tensor (its first block places it); a tied tensor: its first user.
+        whole = list(dict.fromkeys((parse_block(t) or (t,))[0] for t in prog.units[u].tensors))
+        ts = [named[t] for t in whole if named[t] not in placed]
         placed.update(ts)
-        b = sum(sm.index.tensors[t].nbytes for t in prog.units[u].tensors if named[t] in ts)
+        b = sum(sm.index.tensors[t].nbytes for t in whole if named[t] in ts)
         if not ts:
             continue
+        name = prog.units[u].roots[0] if prog.units[u].mode == "block" else prog.units[u].name  # not one block's
         if units and size + b <= max_unit:
-            units[-1] = (f"{units[-1][0].split('+')[0]}+{prog.units[u].name}", units[-1][1] + ts)
+            units[-1] = (f"{units[-1][0].split('+')[0]}+{name}", units[-1][1] + ts)
             size += b
         else:
-            units.append((prog.units[u].name, ts))
+            units.append((name, ts))
             size = b
     return units, roots
 

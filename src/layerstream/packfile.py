@@ -191,6 +191,11 @@ def recorded_roots(index: FileIndex) -> tuple[str, ...]:
     return tuple(roots) if isinstance(roots, list) and all(isinstance(r, str) for r in roots) else ()
 
 
+def tensor_digests(table: tuple[PackUnit, ...]) -> dict[str, str]:
+    """Every tensor's own xxh3-64, by name."""
+    return {t: d for u in table for t, d in zip(u.tensors, u.tensor_digests)}
+
+
 @dataclass(frozen=True)
 class Check:
     """Bytes of a unit's slot whose xxh3-64 must equal `digest` once the read has landed."""

@@ -110,7 +110,8 @@ class SessionModel(StreamedModel):
         s = self._session
         self._arena, self._stage = s.arena, s.stage
         ex = Executor(self.cap, self.layouts, plan, s.arena, self._io, self.trace, s.stage,
-                      getattr(self, "checks", None))  # (packed files' checksums, where StreamedModel has them)
+                      getattr(self, "checks", None),  # (packed files' checksums, where StreamedModel has them)
+                      getattr(self, "split_digests", None))
         if self._kept_stats is not None:
             ex.stats = self._kept_stats
         ex.call_only = True

@@ -17,7 +17,7 @@ from .format import FileIndex
 from .layout import unit_layout
 from .measure import disk_read_bps
 from .outputs import tensors_of
-from .packfile import checks_for, rename_units, unit_table
+from .packfile import checks_for, rename_units, tensor_digests, unit_table
 from .planfile import read_plan_file
 from .plan import Plan, plan_fill
 from .plan.calibrate import calibrate_read_bps
@@ -27,9 +27,11 @@ from .plan.simulate import Prediction, simulate
 from .report import Report  # noqa: F401 - its home was here; imported from here too
 from .pretrained import align_to_model
 from .runtime.arena import Arena
+from .runtime import lookup
 from .runtime.executor import Executor
 from .runtime.io import DEFAULT_WORKERS, make_io, open_reader
 from .runtime.trace import Trace
+from .units import parse_block
 
 if TYPE_CHECKING:
     from .pretrained import GenerationStats
@@ -78,6 +80,7 @@ class StreamedModel(nn.Module):
         self._exec = self._arena = self._io = self._reader = self._stage = None
         self._call_lock = threading.RLock()
         self._hooks = []
+        self._overridden = []  # modules whose forward lookup.py replaced (gather, block units)
         self.model = model
         # Everything that can refuse (file header, model/file match, budget) runs before anything opens.
         # A Hugging Face folder of shards is one virtual file (checkpoint.py); names are aligned to the
@@ -94,7 +97,8 @@ class StreamedModel(nn.Module):
         if isinstance(plan, (str, os.PathLike)):  # a file `layerstream plan --json` wrote
             plan, max_unit, root_order = read_plan_file(plan, max_unit)
         self.max_unit = max_unit or default_max_unit(self.budget_bytes)
-        cap = capture(model, self.index, self.max_unit)
+        # Large embedding tables read only the rows looked up (on the CPU), large linears compute in row blocks.
+        cap = capture(model, self.index, self.max_unit, gather=self.device.type == "cpu", split=True)
         if not root_order and plan is None and self.unit_table:
             # A packed file knows the order: a better first guess than registration order, so even the
             # first (cold) call reads ahead the units it needs instead of missing them.
@@ -125,6 +129,7 @@ class StreamedModel(nn.Module):
             for path_, mod in self.cap.roots.items():
                 self._hooks.append(mod.register_forward_pre_hook(self._pre_hook(path_)))
                 self._hooks.append(mod.register_forward_hook(self._post_hook(path_), always_call=True))
+            self._overridden = lookup.install(self.cap, lambda: self._exec)
         except BaseException:
             self.close()
             raise
@@ -152,6 +157,9 @@ class StreamedModel(nn.Module):
         self.sizes = {u: lay.slot_nbytes for u, lay in self.layouts.items()}
         self.checks = ({u: checks_for(lay, self.unit_table, self.index) for u, lay in self.layouts.items()}
                        if self.verify else {})
+        # A tensor cut into row blocks is checked whole, as its blocks stream by (runtime/lookup.py).
+        digests = tensor_digests(self.unit_table) if self.verify else {}
+        self.split_digests = {b: digests[b] for b in {parse_block(n)[0] for n in cap.virtual} if b in digests}
 
     # The hooks look the executor up at call time, so a re-plan swaps it without touching hooks.
     def _pre_hook(self, path: str):
@@ -168,7 +176,7 @@ class StreamedModel(nn.Module):
             host = max([plan.ring_bytes] + [self.sizes[u] for u, _ in plan.resident] + [4096])
             self._stage = CudaStage(self.device, host)
         self._exec = Executor(self.cap, self.layouts, plan, self._arena, self._io, self.trace, self._stage,
-                              self.checks)
+                              self.checks, self.split_digests)
 
     def _stop(self) -> None:
         if self._exec is not None:
@@ -321,6 +329,8 @@ class StreamedModel(nn.Module):
         for h in self._hooks:
             h.remove()
         self._hooks = []
+        lookup.uninstall(self._overridden)
+        self._overridden = []
         self._stop()
         if self._io is not None:
             self._io.close()

@@ -35,6 +35,27 @@ class Unit:
     tensors: tuple[str, ...]  # file tensor names
     nbytes: int  # sum of the tensors' bytes
     pinned: bool = False
+    # "" for an ordinary unit; "gather": an embedding table whose rows are read per call, only those the
+    # lookup needs, into a small slot; "block": a row block of an oversized linear layer, computed on its
+    # own (see lookup.py). Neither is ever merged with another unit.
+    mode: str = ""
+
+
+BLOCK_SEP = "#rows="
+
+
+def block_name(name: str, lo: int, hi: int) -> str:
+    """The name of rows [lo, hi) of tensor `name`: a virtual tensor a block unit holds."""
+    return f"{name}{BLOCK_SEP}{lo}:{hi}"
+
+
+def parse_block(name: str) -> tuple[str, int, int] | None:
+    """(tensor, lo, hi) of a block_name, else None."""
+    base, sep, rows = name.rpartition(BLOCK_SEP)
+    if not sep:
+        return None
+    lo, _, hi = rows.partition(":")
+    return base, int(lo), int(hi)
 
 
 @dataclass(frozen=True)
@@ -77,3 +98,4 @@ class UnitLayout:
     tensor_offsets: tuple[tuple[str, int], ...]  # (tensor name, byte offset in the slot)
     slot_nbytes: int
     data_end: int  # file offset past the last byte any tensor needs (reads past EOF are fine up to it)
+    table: tuple[int, int] | None = None  # a gather unit: (file offset of the table, bytes per row)

@@ -30,6 +30,7 @@ from ..units import UnitLayout
 from .arena import Arena
 from .io import IOBackend
 from .load import Load
+from .lookup import check_resident_splits
 from .trace import Trace
 from .verify import verify
 
@@ -43,9 +44,12 @@ class Stats:
 
 class Executor:
     def __init__(self, cap: Captured, layouts: dict[int, UnitLayout], plan: Plan, arena: Arena,
-                 io: IOBackend, trace: Trace, stage=None, checks: dict | None = None):
+                 io: IOBackend, trace: Trace, stage=None, checks: dict | None = None,
+                 split_digests: dict[str, str] | None = None):
         self.cap, self.layouts, self.plan, self.arena = cap, layouts, plan, arena
         self.checks = checks or {}  # unit id -> packfile.Check's to verify once its read has landed
+        self.split_digests = split_digests or {}  # tensor cut into blocks -> its digest (lookup.py checks)
+        self.split_verified: set[str] = set()  # split tensors all of whose blocks are resident and verified
         self.io, self.trace = io, trace
         self.stage = stage  # CudaStage on a CUDA device: reads land in pinned memory, then get copied
         self.units = cap.program.units
@@ -55,7 +59,8 @@ class Executor:
         self.loads = plan.loads
         self.n = len(plan.loads)
         self.resident = plan.resident_ids
-        self.refs = {t.name: t for t in cap.program.tensors}
+        self.resident_addr = dict(plan.resident)
+        self.refs = {t.name: t for t in cap.program.tensors} | cap.virtual  # + row blocks (block units)
         self.stats = Stats()
         self.issue_idx = self.consume_idx = 0
         self.serial = False  # profiling: issue each load only when compute asks, so none overlaps compute
@@ -79,9 +84,9 @@ class Executor:
         # Every planned placement's views, made once here: placements repeat every call, so binding a
         # unit is then only a .data swap per tensor (a view per tensor per call otherwise).
         self._views = {(u, plan.ring_offset + off): self._make_views(u, plan.ring_offset + off) for u, off in plan.loads}
-        for name in self.refs:
-            if name not in self.holders:
-                self._holder(name, self.cap.originals[name])
+        for t in cap.program.tensors:
+            if t.name not in self.holders:
+                self._holder(t.name, self.cap.originals[t.name])
 
     # ---- hooks (compute thread) -------------------------------------------------------------
     def pre(self, path: str) -> None:
@@ -90,8 +95,8 @@ class Executor:
         if self.stage is not None:
             self._copy_finished()
         for uid in self.cap.root_units[path]:
-            if uid not in self.resident and uid not in self.bound:
-                self._acquire(uid)
+            if uid not in self.resident and uid not in self.bound and self.units[uid].mode != "block":
+                self._acquire(uid)  # (a block is acquired by lookup.py when its rows are computed)
         t1 = self.t_open[path] = Trace.now()
         self.recorded.append((path, t0, t1))
 
@@ -99,15 +104,43 @@ class Executor:
         t1 = Trace.now()
         self.trace.add(path or "<top>", "compute", self.t_open.pop(path, t1), t1, "compute")
         self.active[path] -= 1
+        self.release([uid for uid in self.cap.root_units[path] if self.closer[uid] == path])
+
+    # ---- units computed by lookup.py (gather, block) ----------------------------------------------
+    def acquire(self, uid: int) -> int:
+        """Make unit `uid`'s slot hold its bytes (read or reserved); its arena address."""
+        if uid in self.resident:
+            return self.resident_addr[uid]
+        if uid not in self.bound:
+            self._acquire(uid)
+        return self.bound[uid].addr
+
+    def release(self, uids) -> None:
+        """Release the bound units among `uids`, then issue the reads their bytes were waiting for."""
         released = False
-        for uid in self.cap.root_units[path]:
-            if self.closer[uid] == path and uid in self.bound:
+        for uid in uids:
+            if uid in self.bound:
                 self._release(self.bound.pop(uid))
                 released = True
         if released:
             self._pump()
             if self.after_release is not None:
                 self.after_release()
+
+    def views(self, uid: int) -> list[torch.Tensor]:
+        """The tensors of acquired unit `uid`, in the unit's order (a block's rows: weight, bias)."""
+        names = self.units[uid].tensors
+        if uid in self.resident:
+            return [self.resident_views[n] for n in names]
+        load = self.bound[uid]
+        views = dict(self._views.get((uid, load.addr)) or self._make_views(uid, load.addr))
+        return [views[n] for n in names]
+
+    def read_now(self, load: Load, chunks) -> None:
+        """Read `chunks` into `load`'s bytes (already held) and wait: the rows a lookup needs."""
+        self.stats.bytes_read += sum(c[2] for c in chunks)
+        self.io.submit(load, self.arena, chunks)
+        self._wait(load)
 
     def begin_call(self) -> None:
         self.t_call = (Trace.now(), 0)
@@ -191,6 +224,8 @@ class Executor:
                 if name not in self.resident_views]
 
     def _bind(self, load: Load) -> None:
+        if self.units[load.uid].mode:
+            return  # a gather or block unit: lookup.py takes its bytes, no module holds them
         views = self._views.get((load.uid, load.addr)) if load.planned else None
         for name, view in views if views is not None else self._make_views(load.uid, load.addr):
             self._set(name, view)
@@ -262,7 +297,7 @@ class Executor:
         if load.off is not None:
             self.live.append(load)
         self.arena.hold(load.nbytes)
-        self.stats.bytes_read += load.nbytes
+        self.stats.bytes_read += sum(c[2] for c in chunks)
         self.io.submit(load, target, chunks)
 
     def _copy_finished(self) -> None:
@@ -364,6 +399,10 @@ class Executor:
             raise
 
     def _bind_resident(self, loads: list[Load]) -> None:
+        self._bind_resident_units(loads)
+        check_resident_splits(self)
+
+    def _bind_resident_units(self, loads: list[Load]) -> None:
         for load in loads:
             if self.stage is not None:
                 self._submit(load)
@@ -372,7 +411,8 @@ class Executor:
                 if name not in self.resident_views:
                     view = self._view(name, load.addr + off)
                     self.resident_views[name] = view
-                    self._set(name, view)
+                    if name in self.cap.owners:  # (not a block's rows: lookup.py takes those)
+                        self._set(name, view)
 
     def close(self) -> None:
         """Wait for every read in flight, then give every tensor back its original (meta) object."""
