@@ -284,3 +284,20 @@ def test_cli_packs_a_folder_int8_and_generate_streams_it(tmp_path, capsys):
     with ls.from_pretrained(out, budget="30%") as sm:
         assert torch.equal(sm.generate(ids, **kw), want)
         assert sm.report().loads_per_call > 0 and sm.report().arena_peak_bytes <= sm.budget_bytes
+
+
+def test_int8_pack_of_a_head_model_streams_into_its_base_model(pairs):
+    """Names differ by a prefix (model.layers... -> layers...): the quant table follows the renaming."""
+    p = pairs["llama"]
+    spec = zoo.ModelSpec("q-llama-base", functools.partial(zoo._hf, "LlamaModel", "LlamaConfig", vocab_size=96,
+                                                           hidden_size=256, intermediate_size=768,
+                                                           num_hidden_layers=2, num_attention_heads=4,
+                                                           num_key_value_heads=2, max_position_embeddings=32,
+                                                           use_cache=False), p.spec.example_inputs, "")
+    with torch.no_grad():
+        want = flat(ls.load_eager(zoo.build_on_meta(spec.build), p.int8)(*p.inputs))
+    with ls.stream(zoo.build_on_meta(spec.build), p.int8, budget="30%") as sm:
+        assert "layers.0.mlp.up_proj.weight" in quant_table(sm.index)
+        for _ in range(2):
+            assert all(torch.equal(g, w) for g, w in zip(flat(sm(*p.inputs)), want))
+        assert sm.report().loads_per_call > 0 and sum(len(c) for c in sm.checks.values()) > 0
