@@ -18,6 +18,7 @@ from .errors import MetaBufferError, WeightMismatch
 from .format import FileIndex
 from .layout import tensor_span, unit_layout
 from .packfile import recorded_roots
+from .quant import quant_table, seen_as
 from .units import Program, TensorRef, Unit, block_name
 
 TORCH_TO_ST = {
@@ -92,6 +93,7 @@ def match_file(model: nn.Module, index: FileIndex):
     refs: dict[str, TensorRef] = {}
     originals: dict[str, torch.Tensor] = {}
     missing, wrong = [], []
+    quant = quant_table(index)  # int8 tensors: the model sees them as their float dtype and size
     for tid, regs in by_id.items():
         sd_names = list(dict.fromkeys(r[0] for r in regs))
         fname = next((n for n in sd_names if n in index.tensors), None)
@@ -101,13 +103,14 @@ def match_file(model: nn.Module, index: FileIndex):
             continue
         ft = index.tensors[fname]
         want = (TORCH_TO_ST.get(t.dtype, str(t.dtype)), tuple(t.shape))
-        if (ft.dtype, ft.shape) != want:
+        dtype, nbytes = seen_as(ft, quant)
+        if (dtype, ft.shape) != want:
             wrong.append(f"{fname}: model {want[0]}{list(want[1])}, file {ft.dtype}{list(ft.shape)}")
             continue
         names_of[tid] = fname
         owners[fname] = [Owner(mod, attr, is_param) for _, mod, attr, _, is_param in regs]
         originals[fname] = t
-        refs[fname] = TensorRef(fname, ft.dtype, ft.shape, ft.nbytes, tuple(n for n in sd_names if n != fname))
+        refs[fname] = TensorRef(fname, dtype, ft.shape, nbytes, tuple(n for n in sd_names if n != fname))
     if missing or wrong:
         lines = [f"{index.path} does not match the model:"]
         if missing:
@@ -150,8 +153,9 @@ def capture(model: nn.Module, index: FileIndex, max_unit: int, *, gather: bool =
         return sum((refs.get(n) or virtual[n]).nbytes for n in names)
 
     def stored_as_model(t: torch.Tensor) -> bool:
-        ref = refs.get(names_of.get(id(t)))
-        return ref is not None and ref.dtype == TORCH_TO_ST.get(t.dtype) and tuple(ref.shape) == tuple(t.shape)
+        """Stored as the model sees it (not int8 with scales): rows of it can be read and used as they are."""
+        name = names_of.get(id(t))
+        return name is not None and index.tensors[name].dtype == TORCH_TO_ST.get(t.dtype)
 
     def gatherable(mod: nn.Module, names: list[str]) -> bool:
         return (gather and type(mod) is nn.Embedding and mod.max_norm is None and names == own(mod)

@@ -204,7 +204,7 @@ def cmd_pack(a) -> int:
             _log(f"packing {a.src}: {pct}% ({done / 1e6:.0f} / {total / 1e6:.0f} MB)")
 
     fn = pack_folder if os.path.isdir(a.src) else pack
-    r = fn(a.src, a.out, spec=spec, dtype=a.dtype, force=a.force, progress=progress,
+    r = fn(a.src, a.out, spec=spec, dtype=a.dtype, quantize=a.quantize, force=a.force, progress=progress,
            **({"max_unit": a.max_unit} if a.max_unit else {}))
     print(describe(r))
     return 0
@@ -296,6 +296,9 @@ def main(argv: list[str] | None = None) -> int:
                    "(default: natural name order, grouped by module)")
     q.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
                    help="store floating tensors in this dtype (build the model in it too)")
+    q.add_argument("--quantize", choices=["int8"],
+                   help="store the model's linear weights as int8 with per-channel scales (needs the model): a "
+                   "quarter of the bytes to read; the runtime dequantises each unit within the budget")
     q.add_argument("--max-unit", type=lambda s: __import__("layerstream").parse_bytes(s), default=None,
                    help="largest checksummed unit (default 16 MiB)")
     q.add_argument("--force", action="store_true", help="replace OUT if it exists")

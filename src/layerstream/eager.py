@@ -6,8 +6,10 @@ import os
 from safetensors import safe_open
 from torch import nn
 
-from .capture import match_file
+from .capture import ST_TO_TORCH, match_file
 from .checkpoint import read_checkpoint, shard_of
+from .quant import quant_table
+from .quantize import dequantize
 
 
 def load_eager(model: nn.Module, path: str | os.PathLike) -> nn.Module:
@@ -16,7 +18,9 @@ def load_eager(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     `path` is a safetensors file or a Hugging Face folder (sharded or not), with names matched to the
     model as streaming matches them, so tied weights stay tied and mismatches raise the same
     WeightMismatch. Tensors come from safetensors' own loader, shard by shard, so they sit in memory as
-    that loader puts them. Returns the model, now holding all its weights in memory.
+    that loader puts them; int8 tensors of a quantized pack are dequantised as streaming does (the same
+    arithmetic, so streamed and eager outputs agree bit for bit). Returns the model, now holding all
+    its weights in memory.
     """
     from .pretrained import align_to_model
 
@@ -25,6 +29,7 @@ def load_eager(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     _, owners, _, _ = match_file(model, index)
     # Back from the model's names to each tensor's shard and stored name (renaming keeps offsets).
     stored = {(t.begin, t.end): n for n, t in raw.tensors.items()}
+    quant = quant_table(index)
     by_shard: dict[str, list[tuple[str, str]]] = {}
     for name in owners:
         t = index.tensors[name]
@@ -34,6 +39,11 @@ def load_eager(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         with safe_open(shard, framework="pt") as f:
             for name, file_name in names:
                 t = f.get_tensor(file_name)
+                q = quant.get(name)
+                if q is not None:
+                    st = index.tensors[q.scale]
+                    scale = f.get_tensor(stored[(st.begin, st.end)])
+                    t = dequantize(t, scale, q.axis, ST_TO_TORCH[q.dtype])
                 places = owners[name]
                 holder = nn.Parameter(t, requires_grad=False) if places[0].is_param else t
                 for o in places:

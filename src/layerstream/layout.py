@@ -7,6 +7,7 @@ small: one larger read costs less than two syscalls, and the gap's bytes are the
 from __future__ import annotations
 
 from .format import FileIndex
+from .quant import expand_layout, quant_table
 from .units import Extent, Unit, UnitLayout, parse_block
 
 ALIGN = 4096  # page size: satisfies O_DIRECT on every Linux filesystem we target
@@ -43,10 +44,15 @@ def gather_layout(unit: Unit, index: FileIndex) -> UnitLayout:
 
 
 def unit_layout(unit: Unit, index: FileIndex) -> UnitLayout:
-    """Aligned extents covering the unit's tensors, and each tensor's offset in the unit's slot."""
+    """Aligned extents covering the unit's tensors, and each tensor's offset in the unit's slot.
+
+    A unit with int8 tensors also reads their scales, and its slot expands them (quant.expand_layout).
+    """
     if unit.mode == "gather":
         return gather_layout(unit, index)
-    spans = sorted((*tensor_span(index, n), n) for n in unit.tensors)
+    quant = quant_table(index)
+    scales = [quant[n].scale for n in unit.tensors if n in quant]
+    spans = sorted((*tensor_span(index, n), n) for n in (*unit.tensors, *scales))
     groups: list[list[tuple[int, int, str]]] = []
     for s in spans:
         if groups and _down(s[0]) <= _up(groups[-1][-1][1]) + MAX_GAP:
@@ -60,4 +66,6 @@ def unit_layout(unit: Unit, index: FileIndex) -> UnitLayout:
         offsets.extend((n, slot + b - start) for b, _, n in g)
         slot += end - start
     data_end = max((e for _, e, _ in spans), default=0)
+    if scales:
+        return expand_layout(unit.uid, extents, dict(offsets), list(unit.tensors), index, quant, data_end)
     return UnitLayout(unit.uid, tuple(extents), tuple(offsets), slot, data_end)

@@ -27,12 +27,15 @@ from .checkpoint import read_checkpoint, shard_of, shard_paths
 from .errors import BudgetError, LayerstreamError
 from .format import FileIndex, FileTensor, NoWeightFile
 from .packfile import META_KEY, PackEntry, PackUnit, header_bytes, layout_pack
+from .quant import scale_name
+from .quantize import quantize_int8
 from .units import parse_block
 
 COPY_CHUNK = 16 * 2**20
 DEFAULT_MAX_UNIT = 16 * 2**20
 FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
 DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+QUANTIZE = ("int8",)
 
 
 class PackError(LayerstreamError, ValueError):
@@ -47,6 +50,9 @@ class PackResult:
     bytes_in: int
     bytes_out: int
     order: str  # "model" or "names"
+    quantized: int = 0  # tensors stored as int8 (quant.py)
+    quant_bytes_in: int = 0  # those tensors' bytes as the model sees them
+    quant_bytes_out: int = 0  # their int8 bytes and scales as stored
 
 
 def source_tensors(src: str) -> tuple[FileIndex, dict[str, str]]:
@@ -134,17 +140,42 @@ def _same_file(a: str, b: str) -> bool:
         return False
 
 
+def quantizable(spec, index: FileIndex) -> dict[str, int]:
+    """{file tensor name: channel axis} of the linear weights `spec`'s model lets pack store as int8."""
+    from .meta import build_empty
+    from .pretrained import align_to_model
+    from .quantize import linear_weights
+
+    model = build_empty(spec.build)
+    aligned = align_to_model(index, model)
+    stored = {(t.begin, t.end): n for n, t in index.tensors.items()}
+    out = {}
+    for name, axis in linear_weights(model).items():
+        t = aligned.tensors.get(name)
+        if t is not None and t.dtype in FLOAT_DTYPES and len(t.shape) == 2:
+            out[stored[(t.begin, t.end)]] = axis
+    return out
+
+
 def pack(src: str | os.PathLike, out: str | os.PathLike, *, spec=None, dtype: str | None = None,
-         max_unit: int = DEFAULT_MAX_UNIT, force: bool = False,
+         quantize: str | None = None, max_unit: int = DEFAULT_MAX_UNIT, force: bool = False,
          progress: Callable[[int, int], None] | None = None) -> PackResult:
     """Write `src` (a safetensors file or HF folder) to the packed file `out`; see the module docstring.
 
     `spec` (a ModelSpec: build + example_inputs) gives the execution order; `dtype` ("float16",
-    "bfloat16", "float32") converts floating tensors so nothing is converted at load time.
+    "bfloat16", "float32") converts floating tensors so nothing is converted at load time; `quantize`
+    ("int8", needs `spec`) stores the model's unshared linear weights as int8 with per-channel scales,
+    expanded after each read (quant.py): a quarter of the bytes to read, the same memory budget.
     """
     src, out = os.fspath(src), os.fspath(out)
     if dtype is not None and dtype not in DTYPES:
         raise PackError(f"dtype {dtype!r}: pack stores float32, float16 or bfloat16")
+    if quantize is not None and quantize not in QUANTIZE:
+        raise PackError(f"quantize {quantize!r}: pack quantizes to {', '.join(QUANTIZE)}")
+    if quantize is not None and spec is None:
+        raise PackError("--quantize int8 needs the model, to know which tensors are linear weights (and which "
+                        "are tied to an embedding): pass --model zoo:NAME or package.module:function, or pack a "
+                        "Hugging Face folder whose config.json names the model")
     index, meta = source_tensors(src)
     for path in shard_paths(index):
         if _same_file(path, out):
@@ -164,16 +195,36 @@ def pack(src: str | os.PathLike, out: str | os.PathLike, *, spec=None, dtype: st
         units, roots = units_by_name(list(tensors), nbytes, max_unit), ()
         order = "names"
     target = DTYPES.get(dtype) if dtype else None
+    axes = quantizable(spec, index) if quantize else {}
 
-    def entry(n: str) -> PackEntry:
+    def seen(n: str) -> str:
         t = tensors[n]
-        dt = target if target and t.dtype in FLOAT_DTYPES else t.dtype
-        return PackEntry(n, dt, t.shape, t.nbytes // _itemsize(t.dtype) * _itemsize(dt))
+        return target if target and t.dtype in FLOAT_DTYPES else t.dtype
 
-    lay = layout_pack([(name, [entry(n) for n in ts]) for name, ts in units])
+    def entry(n: str) -> list[PackEntry]:
+        t = tensors[n]
+        if n in axes:  # int8, its scales right after it in the same unit
+            numel = t.nbytes // _itemsize(t.dtype)
+            return [PackEntry(n, "I8", t.shape, numel), PackEntry(scale_name(n), "F32", (t.shape[axes[n]],),
+                                                                  4 * t.shape[axes[n]])]
+        return [PackEntry(n, seen(n), t.shape, t.nbytes // _itemsize(t.dtype) * _itemsize(seen(n)))]
+
+    lay = layout_pack([(name, [e for n in ts for e in entry(n)]) for name, ts in units])
+    quant = {n: {"scale": scale_name(n), "dtype": seen(n), "axis": a} for n, a in axes.items()}
     meta = {k: v for k, v in meta.items() if k != META_KEY}
     meta.setdefault("format", "pt")  # transformers refuses safetensors files without it
-    head = header_bytes(lay, meta, roots=roots)
+    head = header_bytes(lay, meta, roots=roots, quant=quant)
+    scales: dict[str, bytes] = {}  # an int8 tensor's scales, until they are written right after it
+
+    def stored(n: str):
+        if n in scales:
+            yield scales.pop(n)
+        elif n in axes:
+            q, scale = quantize_int8(_whole(index, tensors[n], fds).view(tensors[n].shape), axes[n])
+            scales[scale_name(n)] = scale.numpy().tobytes()
+            yield q.numpy().tobytes()
+        else:
+            yield from _chunks(index, tensors[n], lay.entries[n].dtype, fds)
     tmp = f"{out}.partial-{os.getpid()}"
     fds: dict[str, int] = {}
     try:
@@ -189,7 +240,7 @@ def pack(src: str | os.PathLike, out: str | os.PathLike, *, spec=None, dtype: st
                     h.update(bytes(gap))
                     f.seek(data_start + lay.offsets[n])
                     th = xxhash.xxh3_64()
-                    for chunk in _chunks(index, tensors[n], lay.entries[n].dtype, fds):
+                    for chunk in stored(n):
                         f.write(chunk)
                         h.update(chunk)
                         th.update(chunk)
@@ -200,7 +251,7 @@ def pack(src: str | os.PathLike, out: str | os.PathLike, *, spec=None, dtype: st
                     pos = lay.offsets[n] + lay.entries[n].nbytes
                 done_units.append(PackUnit(u.name, u.tensors, u.begin, u.end, h.hexdigest(), tuple(digests)))
             f.truncate(data_start + lay.data_bytes)  # trailing pads are holes that read as zeros
-            final = header_bytes(lay, meta, tuple(done_units), roots)
+            final = header_bytes(lay, meta, tuple(done_units), roots, quant)
             assert len(final) == len(head), "digests are fixed-width: the header cannot change length"
             f.seek(8)
             f.write(final)
@@ -215,8 +266,10 @@ def pack(src: str | os.PathLike, out: str | os.PathLike, *, spec=None, dtype: st
     finally:
         for fd in fds.values():
             os.close(fd)
+    q_in = sum(tensors[n].nbytes // _itemsize(tensors[n].dtype) * _itemsize(seen(n)) for n in axes)
+    q_out = sum(lay.entries[n].nbytes + lay.entries[scale_name(n)].nbytes for n in axes)
     return PackResult(out, len(lay.entries), len(lay.units), sum(nbytes.values()),
-                      os.path.getsize(out), order)
+                      os.path.getsize(out), order, len(axes), q_in, q_out)
 
 
 def pack_folder(src: str, out: str, **kwargs) -> PackResult:
@@ -236,6 +289,12 @@ def pack_folder(src: str, out: str, **kwargs) -> PackResult:
 
 def _itemsize(dt: str) -> int:
     return torch.empty(0, dtype=ST_TO_TORCH[dt]).element_size()
+
+
+def _whole(index: FileIndex, t: FileTensor, fds: dict[str, int]) -> torch.Tensor:
+    """The tensor read whole, as stored (flat)."""
+    raw = bytearray(b"".join(_chunks(index, t, t.dtype, fds)))
+    return torch.frombuffer(raw, dtype=ST_TO_TORCH[t.dtype]) if raw else torch.empty(0, dtype=ST_TO_TORCH[t.dtype])
 
 
 def _chunks(index: FileIndex, t: FileTensor, dtype: str, fds: dict[str, int]):
@@ -272,5 +331,7 @@ def _fsync_dir(path: str) -> None:
 
 
 def describe(r: PackResult) -> str:
+    quant = (f"; {r.quantized} linear weights stored as int8 with per-channel scales: "
+             f"{fmt_bytes(r.quant_bytes_in)} -> {fmt_bytes(r.quant_bytes_out)}") if r.quantized else ""
     return (f"packed {r.tensors} tensors in {r.units} units ({r.order} order): "
-            f"{fmt_bytes(r.bytes_in)} -> {fmt_bytes(r.bytes_out)} at {r.path}")
+            f"{fmt_bytes(r.bytes_in)} -> {fmt_bytes(r.bytes_out)} at {r.path}{quant}")

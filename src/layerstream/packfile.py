@@ -96,7 +96,7 @@ def layout_pack(units: list[tuple[str, list[PackEntry]]]) -> PackLayout:
 
 
 def header_bytes(lay: PackLayout, metadata: dict[str, str], units: tuple[PackUnit, ...] | None = None,
-                 roots: tuple[str, ...] = ()) -> bytes:
+                 roots: tuple[str, ...] = (), quant: dict | None = None) -> bytes:
     """The safetensors header JSON, padded with spaces so the data starts on a 4 KiB boundary.
 
     Without `units` the digests are zero placeholders of the final width: pack writes this first,
@@ -109,6 +109,8 @@ def header_bytes(lay: PackLayout, metadata: dict[str, str], units: tuple[PackUni
         for u in units]}
     if roots:  # the module paths one call ran, in order (a model-ordered pack): the first call's guess
         table["roots"] = list(roots)
+    if quant:  # int8 tensors and their scales (quant.py)
+        table["quant"] = quant
     head: dict = {"__metadata__": {**metadata, META_KEY: json.dumps(table, separators=(",", ":"))}}
     items = [(n, lay.entries[n].dtype, list(lay.entries[n].shape), o, o + lay.entries[n].nbytes)
              for n, o in lay.offsets.items()]
@@ -209,8 +211,13 @@ class Check:
 def checks_for(layout: UnitLayout, table: tuple[PackUnit, ...], index: FileIndex) -> tuple[Check, ...]:
     """What to verify after reading a stream unit: whole pack units where the stream unit holds them
     (one hash each), each tensor on its own where the stream cut splits a pack unit."""
-    mine = {n for n, _ in layout.tensor_offsets}
-    where = dict(layout.tensor_offsets)
+    mine = {n for n, _ in layout.tensor_offsets} | {e.scale for e in layout.expand if e.scale}
+
+    def where(t: str) -> int:  # where the read put the tensor's stored bytes (not where it is bound)
+        b = index.tensors[t].begin
+        x = next(x for x in layout.extents if x.file_off <= b <= x.file_off + x.nbytes)
+        return x.slot_off + b - x.file_off
+
     checks, done = [], set()
     for pu in table:
         if not mine.intersection(pu.tensors):
@@ -224,6 +231,6 @@ def checks_for(layout: UnitLayout, table: tuple[PackUnit, ...], index: FileIndex
             continue
         for t, d in zip(pu.tensors, pu.tensor_digests):
             if t in mine and t not in done:
-                checks.append(Check(where[t], index.tensors[t].nbytes, d, f"tensor {t}"))
+                checks.append(Check(where(t), index.tensors[t].nbytes, d, f"tensor {t}"))
                 done.add(t)
     return tuple(checks)

@@ -21,6 +21,7 @@ from .checkpoint import CONFIG_FILE, align_names, read_checkpoint
 from .errors import ModelError, WeightMismatch
 from .format import FileIndex, MissingConfig
 from .meta import build_empty
+from .quant import rename_quant
 
 EXAMPLE_TOKENS = 128  # the CLI's example input for a text model: a 128-token prompt (fewer if positions run out)
 
@@ -63,10 +64,11 @@ def align_to_model(index: FileIndex, model: nn.Module) -> FileIndex:
     want = model_tensor_names(model)
     if set(want) <= index.tensors.keys():
         return index
+    original = index
     renamed = _hf_renamed(index, model, want)
     if renamed is not None and len(set(want) & renamed.tensors.keys()) > len(set(want) & index.tensors.keys()):
         index = renamed
-    return align_names(index, want)
+    return rename_quant(original, align_names(index, want))  # an int8 pack's quant table follows the names
 
 
 def _hf_renamed(index: FileIndex, model: nn.Module, want: list[str]) -> FileIndex | None:

@@ -86,11 +86,33 @@ class Extent:
 
 
 @dataclass(frozen=True)
+class Expand:
+    """One tensor of a unit with int8 weights, turned from its stored bytes into what the model sees.
+
+    With a `scale` it is int8 dequantised (a float32 scale per output channel, `axis` the channel's
+    dimension: 0 for Linear's [out, in], 1 for Conv1D's [in, out]); without one it is a plain move of
+    `nbytes` stored bytes (a bias, a norm: stored as the model sees them). See quant.py.
+    """
+
+    name: str
+    src_off: int  # slot offset of the stored bytes, where the read put them
+    dst_off: int  # slot offset of the tensor the model sees
+    nbytes: int  # stored bytes
+    shape: tuple[int, ...]
+    dtype: str  # the dtype the model sees ("F32"), the stored one for a move
+    scale: str = ""  # the scale tensor's name; "" for a move
+    scale_off: int = 0  # slot offset of the float32 scales, where the read put them
+    axis: int = 0
+
+
+@dataclass(frozen=True)
 class UnitLayout:
     """How a unit is read from a particular file and where each tensor sits in its slot.
 
     Reads are aligned supersets of the tensors (O_DIRECT wants aligned offsets, lengths and buffers),
     so a slot is slightly larger than the unit's bytes; `slot_nbytes` is what the arena must hold.
+    A unit holding int8 weights also has an `expand` plan: its stored bytes are read into the slot's
+    tail and expanded in place, after the read is verified, to the tensors at `tensor_offsets`.
     """
 
     uid: int
@@ -99,3 +121,9 @@ class UnitLayout:
     slot_nbytes: int
     data_end: int  # file offset past the last byte any tensor needs (reads past EOF are fine up to it)
     table: tuple[int, int] | None = None  # a gather unit: (file offset of the table, bytes per row)
+    expand: tuple[Expand, ...] = ()  # () for a unit read as the model sees it
+
+    @property
+    def read_nbytes(self) -> int:
+        """Bytes read from the file: the extents (less than the slot when int8 weights are expanded)."""
+        return sum(x.nbytes for x in self.extents)

@@ -28,6 +28,7 @@ from ..errors import BudgetError, ChecksumError, ReadError
 from ..plan import Plan
 from ..units import UnitLayout
 from .arena import Arena
+from .dequant import expand
 from .io import IOBackend
 from .load import Load
 from .lookup import check_resident_splits
@@ -297,7 +298,7 @@ class Executor:
         if load.off is not None:
             self.live.append(load)
         self.arena.hold(load.nbytes)
-        self.stats.bytes_read += sum(c[2] for c in chunks)
+        self.stats.bytes_read += lay.read_nbytes  # what the disk gives: less than the slot for int8 units
         self.io.submit(load, target, chunks)
 
     def _copy_finished(self) -> None:
@@ -324,6 +325,8 @@ class Executor:
             if load.copied is None:
                 self.stage.copy(load, self.arena, load.host_off)
             self.stage.ready(load)
+        if self.layouts[load.uid].expand:  # int8 weights: dequantised in place once verified (runtime/dequant.py)
+            expand(self.arena.buf, load.addr, self.layouts[load.uid].expand)
 
     def _verify(self, load: Load) -> None:
         t0 = Trace.now()
