@@ -22,15 +22,15 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-from ..budget import fmt_bytes
 from ..capture import ST_TO_TORCH, Captured
-from ..errors import BudgetError, ChecksumError, ReadError
+from ..errors import ChecksumError, ReadError
 from ..plan import Plan
 from ..units import UnitLayout
 from .arena import Arena
 from .dequant import expand
 from .io import IOBackend
 from .load import Load
+from .ring import RingSpace
 from .lookup import check_resident_splits
 from .trace import Trace
 from .verify import verify
@@ -43,7 +43,7 @@ class Stats:
         self.bytes_read = 0
 
 
-class Executor:
+class Executor(RingSpace):
     def __init__(self, cap: Captured, layouts: dict[int, UnitLayout], plan: Plan, arena: Arena,
                  io: IOBackend, trace: Trace, stage=None, checks: dict | None = None,
                  split_digests: dict[str, str] | None = None):
@@ -277,11 +277,6 @@ class Executor:
         self.serial = serial
         self.issue_idx = max(self.issue_idx, self.consume_idx)
 
-    def _overlaps(self, off: int, nbytes: int) -> bool:
-        end = off + nbytes
-        return (any(ld.off < end and off < ld.off + ld.nbytes for ld in self.live)
-                or any(ld.off < end and off < ld.off + ld.nbytes for ld in self.others()))
-
     def _submit(self, load: Load) -> None:
         """Split the unit's extents into chunks and hand them to the I/O backend."""
         lay = self.layouts[load.uid]
@@ -337,54 +332,6 @@ class Executor:
             load.error = e  # the load's bytes are wrong: never bound, given back by the caller
             raise
         self.trace.add(f"verify u{load.uid}", "verify", t0, Trace.now(), "compute")
-
-    # ---- demand misses and dropped prefetches ---------------------------------------------------
-    def _demand(self, uid: int) -> Load:
-        """Read `uid` now into a free gap of the ring, dropping the furthest prefetches if needed."""
-        self.stats.demand_misses += 1
-        need = self.sizes[uid]
-        while (off := self._free_gap(need)) is None:
-            idle = [ld for u, ld in self.bound.items() if not any(self.active.get(r) for r in self.units[u].roots)]
-            if idle:  # bound, but none of its roots is running: its window outlived its use (an odd order)
-                self._release(self.bound.pop(idle[0].uid))
-                continue
-            if self.on_ring_full is not None and self.on_ring_full():
-                continue  # the next model's prefetches gave the ring back (before this call's own)
-            if not self.inflight:
-                held = ", ".join(f"{self.units[ld.uid].name} ({fmt_bytes(ld.nbytes)})" for ld in self.live)
-                raise BudgetError(
-                    f"unit {uid} ({self.units[uid].name}, {fmt_bytes(need)}) does not fit the "
-                    f"{fmt_bytes(self.plan.ring_bytes)} ring beside the units in use at the same time: {held}; "
-                    "raise the budget or lower max_unit")
-            self._drop_from(max(self.inflight))
-        load = Load(uid, off, self.plan.ring_offset + off, need)
-        self._submit(load)
-        return load
-
-    def _free_gap(self, nbytes: int) -> int | None:
-        pos = 0
-        for ld in sorted([*self.live, *self.others()], key=lambda x: x.off):
-            if ld.off - pos >= nbytes:
-                return pos
-            pos = max(pos, ld.off + ld.nbytes)
-        return pos if self.plan.ring_bytes - pos >= nbytes else None
-
-    def _drop_range(self, lo: int, hi: int) -> None:
-        for k in [k for k in self.inflight if lo <= k < hi]:
-            self._drop(self.inflight.pop(k))
-
-    def _drop_from(self, lo: int) -> None:
-        self._drop_range(lo, max(self.inflight, default=lo) + 1)
-        self.issue_idx = min(self.issue_idx, lo)
-
-    def _drop(self, load: Load) -> None:
-        self.io.wait(load)  # its reads still write into the ring: the bytes are free only once they finish
-        self._forget(load)
-
-    def _forget(self, load: Load) -> None:
-        if load in self.live:
-            self.live.remove(load)
-        self.arena.drop(load.nbytes)
 
     # ---- resident units and shutdown ------------------------------------------------------------
     def _load_resident(self) -> None:
