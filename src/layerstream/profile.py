@@ -27,7 +27,7 @@ from .meta import build_empty
 from .plan.cost import CostModel
 from .units import Program, TensorRef, Unit
 
-CACHE_VERSION = 1  # bump when the JSON's meaning changes: older files are then measured again
+CACHE_VERSION = 2  # 2: gather and block units (units carry a mode). Bump when the JSON's meaning changes: older files are then measured again
 
 
 def _stderr(msg: str) -> None:
@@ -70,14 +70,14 @@ def device_signature(device) -> str:
 # ---- the Program as JSON ---------------------------------------------------------------------------
 
 def program_to_dict(program: Program) -> dict:
-    return {"units": [[u.uid, u.name, list(u.roots), list(u.tensors), u.nbytes, u.pinned] for u in program.units],
+    return {"units": [[u.uid, u.name, list(u.roots), list(u.tensors), u.nbytes, u.pinned, u.mode] for u in program.units],
             "steps": list(program.steps),
             "tensors": [[t.name, t.dtype, list(t.shape), t.nbytes, list(t.aliases)] for t in program.tensors]}
 
 
 def program_from_dict(d: dict) -> Program:
-    units = tuple(Unit(uid, name, tuple(roots), tuple(tensors), nbytes, bool(pinned))
-                  for uid, name, roots, tensors, nbytes, pinned in d["units"])
+    units = tuple(Unit(uid, name, tuple(roots), tuple(tensors), nbytes, bool(pinned), mode)
+                  for uid, name, roots, tensors, nbytes, pinned, mode in d["units"])
     tensors = tuple(TensorRef(name, dtype, tuple(shape), nbytes, tuple(aliases))
                     for name, dtype, shape, nbytes, aliases in d["tensors"])
     return Program(units, tuple(d["steps"]), tensors)
