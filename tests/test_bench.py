@@ -117,3 +117,40 @@ def test_peer_helpers_name_what_they_find():
     gpt2 = build_empty(zoo.get("tiny-gpt2").build)
     assert block_path(gpt2) == ["transformer"]  # diffusers must be told where the layers are
     assert tied_parameters(gpt2) == ["lm_head.weight"]
+
+
+def test_bench_workload_mode_with_baselines(tmp_path):
+    """`bench WORKLOAD.toml --mode workload --baselines`: per model the bench fields, totals that add up."""
+    paths = {}
+    for name in ("twice", "tiny-resnet"):
+        paths[name] = tmp_path / f"{name}.safetensors"
+        zoo.save_weights(zoo.get(name), paths[name])
+    toml = tmp_path / "work.toml"
+    toml.write_text("\n".join([
+        'budget = "200KB"', 'cycle = ["a", "b", "a"]', 'max_unit = "16KiB"',
+        "[[model]]", 'name = "a"', 'model = "zoo:twice"', f'weights = "{paths["twice"]}"',
+        "[[model]]", 'name = "b"', 'model = "zoo:tiny-resnet"', f'weights = "{paths["tiny-resnet"]}"']))
+    out = tmp_path / "w.json"
+    assert main(["bench", str(toml), "--mode", "workload", "--baselines", "--repeat", "2", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    runs = {r["system"]: r for r in result["runs"]}
+    assert list(runs) == ["layerstream", "load-then-run", "eager"] and result["budget_bytes"] == 200_000
+    per_model = ("latency_ms", "latency_ms_all", "bound_ms", "bytes_read", "disk_read_bps", "peak_rss_bytes",
+                 "arena_peak_bytes", "demand_misses", "outputs_equal", "compute_ms")
+    for system, r in runs.items():
+        by = {m["name"]: m for m in r["models"]}
+        assert list(by) == ["a", "b"] and r["outputs_equal"], r
+        for m in r["models"]:
+            assert all(m[k] is not None for k in per_model if not (system == "eager" and k == "disk_read_bps")), m
+            assert m["outputs_equal"] and m["calls"] == len(m["latency_ms_all"])
+        assert r["bound_ms"] == 2 * by["a"]["bound_ms"] + by["b"]["bound_ms"]  # a runs twice per cycle
+        assert r["bytes_read"] == 2 * by["a"]["bytes_read"] + by["b"]["bytes_read"]
+        assert r["cycle_over_bound"] == r["cycle_ms"] / r["bound_ms"]
+        assert r["peak_rss_bytes"] >= max(m["peak_rss_bytes"] for m in r["models"])
+        assert len(r["cycles_ms"]) == 2 + (result["learning_cycles"] if system == "layerstream" else 1)
+    ls = runs["layerstream"]
+    assert ls["budget_bytes"] == 200_000 and all(m["arena_peak_bytes"] <= 200_000 for m in ls["models"])
+    assert all(m["bytes_read"] > 0 for m in ls["models"]) and all(m["reader"] for m in ls["models"])
+    assert runs["load-then-run"]["bytes_read"] == 2 * runs["load-then-run"]["models"][0]["weight_bytes"] \
+        + runs["load-then-run"]["models"][1]["weight_bytes"]
+    assert result["speedup"]["load-then-run"] == runs["load-then-run"]["cycle_ms"] / ls["cycle_ms"]

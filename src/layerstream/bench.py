@@ -64,6 +64,9 @@ def _call(run, inputs, device: torch.device):
 
 def worker(cfg: dict) -> dict:
     """One run, in this (fresh) process: build on meta, load (or attach) and call, warm or cold."""
+    if cfg.get("workload"):  # --mode workload: several models (benchwork.py)
+        from .benchwork import worker as workload_worker
+        return workload_worker(cfg)
     if cfg.get("prepare"):
         return _prepare(cfg)
     from .eager import load_eager  # noqa: F401  (imports happen before anything is timed)

@@ -48,6 +48,8 @@ def cmd_bench(a) -> int:
     from .models import resolve, weights_for
     from .peers import PEERS
 
+    if getattr(a, "mode", "warm") == "workload":
+        return cmd_bench_workload(a)
     spec = resolve(a.model)
     weights = weights_for(a.model, spec, a.weights)
     mode, baselines = getattr(a, "mode", "warm"), getattr(a, "baselines", False)
@@ -74,6 +76,21 @@ def cmd_bench(a) -> int:
         _log(f"section written to {md}, picture to {png}")
     # A peer's wrong outputs are a finding to report, not a failure of this command.
     return 0 if all(r["outputs_equal"] for r in result["runs"] if r["system"] not in PEERS and not r.get("skipped")) else 1
+
+
+def cmd_bench_workload(a) -> int:
+    """`bench WORKLOAD.toml --mode workload`: the session's workload, and with --baselines the other ways."""
+    from .benchwork import bench_workload, table
+    result = bench_workload(a.model, a.repeat, a.baselines, a.budget[-1] if a.budget else None, log=_log)
+    from .budget import fmt_bytes
+    print(f"\n{a.model}: {' -> '.join(result['order'])}, budget {fmt_bytes(result['budget_bytes'])}; latency is "
+          f"the median of {result['repeat']} cycles after the learning ones\n")
+    print(table(result))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(result, f, indent=1)
+        _log(f"results written to {a.json}")
+    return 0 if all(r["outputs_equal"] for r in result["runs"] if not r.get("skipped")) else 1
 
 
 def cmd_tradeoff(a) -> int:
@@ -240,15 +257,17 @@ def main(argv: list[str] | None = None) -> int:
 
     q = sub.add_parser("bench", help="eager and streamed side by side, each in a fresh process")
     model_args(q)
+    q.description = "MODEL is a WORKLOAD.toml (as `layerstream session` reads) with --mode workload"
     q.add_argument("--budget", action="append", help="repeatable (default: 10%% and 25%%)")
     q.add_argument("--repeat", type=int, default=None,
                    help="warm calls per configuration (default 5); with --mode cold, cold starts (default 3)")
     q.add_argument("--json", help="write the results as JSON to this file")
     q.add_argument("--io", choices=["auto", "aio", "threads", "both"], default="auto",
                    help="I/O backend for the streamed runs; 'both' runs each budget with each")
-    q.add_argument("--mode", choices=["warm", "cold"], default="warm",
+    q.add_argument("--mode", choices=["warm", "cold", "workload"], default="warm",
                    help="warm: repeated calls (default); cold: weight file evicted from the page cache, the first "
-                   "output timed from the start of loading (imports and building timed apart)")
+                   "output timed from the start of loading (imports and building timed apart); workload: MODEL is "
+                   "a WORKLOAD.toml, run as a Session (with --baselines: load-then-run per turn, eager if it fits)")
     q.add_argument("--baselines", action="store_true",
                    help="also run load-then-run, accelerate-disk and diffusers-group-disk (pip install -e '.[bench]')")
     q.add_argument("--results", metavar="MD", help="put this model's section (table, command) into this markdown "

@@ -9,6 +9,10 @@ with layerstream.Session(budget="256MB", workload=["detector", "classifier", "lm
     print(s.report())                       # per model and total: latency, reads, misses, out of order
 ```
 
+One I/O backend serves every model (one AIO context or one thread pool, one queue depth): each model
+reads its own files through a `Port` of it, so the next model's prefetch queues behind the current
+model's reads, in issue order, instead of competing with them from a second queue.
+
 The arena is `[model 1 resident | ... | model N resident | shared ring]` (plan/workload.py decides the
 split), allocated once at the session's budget, so no order of calls can exceed it. Compute on one
 device is serial, so calls take turns in arrival order (`Turns`), and the ring needs to serve only the
@@ -21,9 +25,7 @@ counted, and runs as any call does: correctness never depends on a prediction.
 """
 from __future__ import annotations
 
-import contextlib
-import threading
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Sequence
 
 import torch
@@ -34,52 +36,12 @@ from .plan.simulate import simulate
 from .plan.workload import ModelDemand, Predictor, WorkloadPlan, plan_workload
 from .runtime.arena import Arena
 from .runtime.executor import Executor
-from .runtime.io import DEFAULT_WORKERS
+from .runtime.io import DEFAULT_WORKERS, IOBackend, make_shared_io
+from .runtime.turns import Turns
 from .session_report import ModelReport, SessionReport
 from .stream import StreamedModel
 
 LEARNED_REPLAN_EVERY = 16  # without a declared workload, re-plan after 16, 32, 64, ... calls
-
-
-class Turns:
-    """Callers run one at a time, in the order they arrived (a ticket queue).
-
-    A plain Lock is not fair: a thread calling in a loop can take it again before a waiting thread
-    wakes, and starve it. The queue also tells the session which model runs next, for certain.
-    """
-
-    def __init__(self):
-        self._cv = threading.Condition()
-        self._queue: deque[tuple[object, str | None]] = deque()  # (ticket, model name); head holds the turn
-        self._holder: int | None = None  # the thread holding the turn
-
-    @contextlib.contextmanager
-    def turn(self, name: str | None = None):
-        ticket = (object(), name)
-        with self._cv:
-            if self._holder == threading.get_ident():
-                raise RuntimeError("a session call from inside a session call (e.g. a model's forward calling "
-                                   "session.run) would wait for itself; call the inner model directly instead")
-            self._queue.append(ticket)
-            try:
-                self._cv.wait_for(lambda: self._queue[0] is ticket)
-            except BaseException:  # interrupted while waiting: leave the queue, wake whoever is next
-                self._queue.remove(ticket)
-                self._cv.notify_all()
-                raise
-            self._holder = threading.get_ident()
-        try:
-            yield
-        finally:
-            with self._cv:
-                self._holder = None
-                self._queue.popleft()
-                self._cv.notify_all()
-
-    def next_waiting(self) -> str | None:
-        """The model of the first caller waiting behind the current turn, if any."""
-        with self._cv:
-            return self._queue[1][1] if len(self._queue) > 1 else None
 
 
 class SessionModel(StreamedModel):
@@ -98,6 +60,9 @@ class SessionModel(StreamedModel):
     def forward(self, *args, **kwargs):
         """A call goes through the session (its turn, its prefetch, its counts), as `session.run` does."""
         return self._session.run(self.session_name, *args, **kwargs)
+
+    def _open_io(self, io: str, workers: int):
+        return self._session._port(self._reader, self.trace)
 
     def generate(self, *args, **kwargs):
         raise NotImplementedError("generate() is not served by a Session yet (its decoding steps would need a "
@@ -161,7 +126,9 @@ class Session:
             self.predictor = Predictor(frequency={str(k): float(v) for k, v in workload.items()})
         else:
             self.predictor = Predictor(tuple(workload or ()), cycle)
-        self._defaults = dict(reader=reader, io=io, workers=workers, trace=trace)
+        self._defaults = dict(reader=reader, trace=trace)
+        self._io_args = (io, workers)
+        self.io: IOBackend | None = None  # every model's reads; made at the first add, from its file's mode
         self._models: dict[str, SessionModel] = {}
         self._turns = Turns()
         self.arena = Arena(self.budget_bytes, self.budget_bytes, self.device)
@@ -179,6 +146,9 @@ class Session:
         """Register `model` (built on meta) streamed from `path`; the workload is re-planned with it."""
         if not isinstance(name, str) or not name:
             raise ValueError(f"model name {name!r}: give a non-empty string")
+        if {"io", "workers"} & kwargs.keys():
+            raise ValueError("io and workers belong to the session (one backend reads for every model): "
+                             "give them to layerstream.Session(...), not to add()")
         with self._turns.turn():
             self._check_open()
             if name in self._models:
@@ -239,6 +209,9 @@ class Session:
                 if self.stage is not None:
                     self.stage.close()
                     self.stage = None
+                if self.io is not None:
+                    self.io.close()
+                    self.io = None
                 self.arena.close()
 
     def __enter__(self):
@@ -246,6 +219,12 @@ class Session:
 
     def __exit__(self, *exc):
         self.close()
+
+    def _port(self, reader, trace):
+        """A model's door to the session's one I/O backend (chosen, at the first model, as stream() would)."""
+        if self.io is None:
+            self.io = make_shared_io(reader.mode, *self._io_args)
+        return self.io.port(reader, trace)
 
     def _check_open(self) -> None:
         if self._closed:

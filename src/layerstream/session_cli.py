@@ -86,41 +86,101 @@ def session_budget(budget: str | int, weight_bytes: dict[str, int]) -> int:
     return parse_budget(budget, max(weight_bytes.values()))
 
 
-def cmd_session(a) -> int:
-    import torch
+@dataclass
+class Prepared:
+    """A workload file's models, ready to run: built on meta, their weight files and inputs, the budget."""
+    specs: dict  # name -> ModelSpec
+    files: dict  # name -> weight file
+    built: dict  # name -> model on meta
+    weight_bytes: dict[str, int]
+    budget_bytes: int
+    inputs: dict  # name -> example inputs on the device
 
+
+def prepare(wl: WorkloadFile, budget: str | int | None = None) -> Prepared:
     from .meta import build_empty
     from .models import resolve, weights_for
-    from .session import Session
     from .stream import model_weight_bytes
 
-    wl = load_workload(a.workload)
     specs = {m.name: resolve(m.model) for m in wl.models}
-    files = {m.name: weights_for(m.model, specs[m.name], m.weights) for m in wl.models}
+    files = {m.name: str(weights_for(m.model, specs[m.name], m.weights)) for m in wl.models}
     built = {n: build_empty(spec.build) for n, spec in specs.items()}
-    budget = session_budget(a.budget or wl.budget, {n: model_weight_bytes(m) for n, m in built.items()})
-    repeats = a.repeats or wl.repeats
+    weights = {n: model_weight_bytes(m) for n, m in built.items()}
     inputs = {n: tuple(x.to(wl.device) for x in spec.example_inputs()) for n, spec in specs.items()}
-    outs, cycles_ms = {}, []
-    with Session(budget, wl.device, workload=list(wl.order), cycle=wl.cycle) as s:
+    return Prepared(specs, files, built, weights, session_budget(budget or wl.budget, weights), inputs)
+
+
+def open_session(wl: WorkloadFile, p: Prepared):
+    """The session the workload file declares, every model added (the caller closes it)."""
+    from .session import Session
+    s = Session(p.budget_bytes, wl.device, workload=list(wl.order), cycle=wl.cycle)
+    try:
         for m in wl.models:
-            s.add(m.name, built[m.name], files[m.name], max_unit=m.max_unit)
-        for r in range(repeats):
-            t0 = time.perf_counter()
-            for name in wl.order:
-                outs[name] = s.run(name, *inputs[name])
-            cycles_ms.append((time.perf_counter() - t0) * 1e3)
-            print(f"repeat {r + 1}/{repeats}: {cycles_ms[-1]:.1f} ms", file=sys.stderr, flush=True)
+            s.add(m.name, p.built[m.name], p.files[m.name], max_unit=m.max_unit)
+    except BaseException:
+        s.close()
+        raise
+    return s
+
+
+def run_cycles(call, order, cycles: int, log=None, before=None, after=None):
+    """Call `call(name)` for each name of `order`, `cycles` times; the timings the session and bench report.
+
+    Returns (each model's last output, every cycle's ms, every call's ms per model).
+    """
+    outs, cycles_ms, calls_ms = {}, [], {n: [] for n in order}
+    for r in range(cycles):
+        t0 = time.perf_counter()
+        for name in order:
+            if before:
+                before(name)
+            t = time.perf_counter()
+            outs[name] = call(name)
+            calls_ms[name].append((time.perf_counter() - t) * 1e3)
+            if after:
+                after(name)
+        cycles_ms.append((time.perf_counter() - t0) * 1e3)
+        if log:
+            log(f"repeat {r + 1}/{cycles}: {cycles_ms[-1]:.1f} ms")
+    return outs, cycles_ms, calls_ms
+
+
+def eager_check(spec, weights: str, inputs, out, device: str, timed: int = 0):
+    """The model loaded eagerly (alone: the models need not fit together) and called on `inputs`:
+    (its output equals `out`, its output, median ms of `timed` warm calls after one, or None)."""
+    import statistics
+
+    import torch
+
+    from .eager import load_eager
+    from .meta import build_empty
+    from .outputs import outputs_equal, tensors_of
+    model = load_eager(build_empty(spec.build), weights).to(device)
+    ms = []
+    with torch.no_grad():
+        ref = model(*inputs)
+        for _ in range(timed):
+            t = time.perf_counter()
+            model(*inputs)
+            if device.startswith("cuda"):
+                torch.cuda.synchronize(device)
+            ms.append((time.perf_counter() - t) * 1e3)
+    equal = outputs_equal(tensors_of(out), tensors_of(ref), exact=device == "cpu")
+    return equal, ref, statistics.median(ms) if ms else None
+
+
+def cmd_session(a) -> int:
+    wl = load_workload(a.workload)
+    p = prepare(wl, a.budget)
+    log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    with open_session(wl, p) as s:
+        outs, cycles_ms, _ = run_cycles(lambda n: s.run(n, *p.inputs[n]), wl.order, a.repeats or wl.repeats, log)
         report = s.report()
     print(report)
     equal = {}
     if a.check:
-        from .eager import load_eager
-        from .outputs import outputs_equal, tensors_of
-        for n in outs:  # one eager model at a time: they need not fit together
-            with torch.no_grad():
-                ref = load_eager(build_empty(specs[n].build), files[n]).to(wl.device)(*inputs[n])
-            equal[n] = outputs_equal(tensors_of(outs[n]), tensors_of(ref), exact=wl.device == "cpu")
+        for n in outs:
+            equal[n] = eager_check(p.specs[n], p.files[n], p.inputs[n], outs[n], wl.device)[0]
             print(f"{n}: outputs equal to eager: {'yes' if equal[n] else 'NO'}")
     if a.json:
         with open(a.json, "w") as f:

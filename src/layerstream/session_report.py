@@ -80,8 +80,11 @@ class SessionReport:
         r.bytes_read = sum(m.bytes_read for m in rows)
         r.demand_misses = sum(m.demand_misses for m in rows)
         r.out_of_order = sum(m.out_of_order for m in rows)
-        if any(m.reader.startswith("buffered") for m in rows):
+        if any(m.reader == "buffered/threads" for m in rows):
             r.notes.append("a filesystem refused O_DIRECT: buffered reads, pages dropped after each read")
+        if any(m.reader == "buffered/aio" for m in rows):
+            r.notes.append("a file read buffered through the session's kernel AIO (chosen by the first model's "
+                           "file): its reads complete inside io_submit and its pages stay cached")
         return r
 
     def as_dict(self) -> dict:

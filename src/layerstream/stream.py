@@ -124,7 +124,7 @@ class StreamedModel(nn.Module):
         try:
             _move_real_buffers(model, self.device)
             self._reader = open_reader(self.index.path, reader, self.index.parts)
-            self._io = make_io(self._reader, self.trace, io, workers)
+            self._io = self._open_io(io, workers)
             self._start(plan)
             for path_, mod in self.cap.roots.items():
                 self._hooks.append(mod.register_forward_pre_hook(self._pre_hook(path_)))
@@ -160,6 +160,10 @@ class StreamedModel(nn.Module):
         # A tensor cut into row blocks is checked whole, as its blocks stream by (runtime/lookup.py).
         digests = tensor_digests(self.unit_table) if self.verify else {}
         self.split_digests = {b: digests[b] for b in {parse_block(n)[0] for n in cap.virtual} if b in digests}
+
+    def _open_io(self, io: str, workers: int):
+        """This model's own I/O backend over its reader (a Session's models share the session's instead)."""
+        return make_io(self._reader, self.trace, io, workers)
 
     # The hooks look the executor up at call time, so a re-plan swaps it without touching hooks.
     def _pre_hook(self, path: str):

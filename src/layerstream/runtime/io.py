@@ -1,10 +1,7 @@
-"""Readers and I/O backends: file bytes -> arena memory (or pinned staging memory on CUDA).
+"""I/O backends: file bytes -> arena memory (or pinned staging memory on CUDA).
 
-O_DIRECT is the default so the page cache neither hides the disk's real speed nor holds a second,
-uncounted copy of the weights. Filesystems that refuse O_DIRECT (tmpfs) get buffered reads that drop
-the pages they read with POSIX_FADV_DONTNEED, and the report says so.
-
-Two backends carry reads out behind one small interface (submit, wait, poll, close):
+The readers (O_DIRECT by default, buffered where the filesystem refuses it) are in readers.py. Two
+backends carry reads out behind one small interface (submit, wait, poll, close):
 - `AioIO` (default with O_DIRECT): kernel AIO, submitted and reaped on the compute thread, no threads
   (see aio.py for why). Measured here: 1 MiB reads reach the disk's
   ceiling from 4 in flight on (one at a time reached half of it), and io_submit of a 1 MiB read
@@ -13,13 +10,14 @@ Two backends carry reads out behind one small interface (submit, wait, poll, clo
   needed first (the next call's stem) landed after 24 MiB of later ones, 42 ms late.
 - `ThreadIO`: `os.preadv` (which releases the GIL) on a small thread pool; for buffered files and
   wherever kernel AIO is unavailable.
+
+A backend made by `make_io` reads one Reader. A Session's backend (`make_shared_io`) reads for every
+model: each model submits through its own `Port` (its Reader's fds, its trace), so all models' reads
+share one queue in issue order, one AIO context or one pool, instead of competing across several.
 """
 from __future__ import annotations
 
-import bisect
-import errno
 import itertools
-import mmap
 import os
 import threading
 from collections import deque
@@ -27,151 +25,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 from ..errors import ReadError
 from .aio import AioContext, iocb
+from .readers import (BufferedReader, DirectReader, MultiReader, Reader,  # noqa: F401  (imported from here too)
+                      open_reader)
 
 CHUNK_BYTES = 4 * 2**20  # per read with threads: large enough for full bandwidth, few enough wake-ups
 DEFAULT_WORKERS = 4
-
-
-class Reader:
-    """Reads aligned byte ranges of one file into caller-owned memory. Subclasses fill in `_read`."""
-
-    mode = "abstract"
-
-    def __init__(self, path: str, fd: int):
-        self.path, self.fd = path, fd
-        self.size = os.fstat(fd).st_size
-
-    def read_into(self, dst: memoryview, file_off: int, need: int) -> None:
-        """Fill `dst` from `file_off`; at least `need` bytes must exist (the rest may lie past EOF)."""
-        try:
-            got = self._read(dst, file_off)
-        except OSError as e:
-            raise ReadError(f"{self.path}: read of {len(dst)} bytes at offset {file_off} failed: {e}") from e
-        if got < need:
-            raise ReadError(f"{self.path}: read at offset {file_off} returned {got} of {need} bytes; "
-                            "the file was truncated or replaced while streaming")
-
-    def _read(self, dst: memoryview, file_off: int) -> int:
-        raise NotImplementedError
-
-    def route(self, file_off: int, need: int) -> tuple[int, int, int]:
-        """(fd, offset in that file, bytes that must exist there) of a read at `file_off` (AIO submits by fd)."""
-        return self.fd, file_off, need
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-
-class DirectReader(Reader):
-    mode = "direct"
-
-    def _read(self, dst: memoryview, file_off: int) -> int:
-        return os.preadv(self.fd, [dst], file_off)
-
-
-class BufferedReader(Reader):
-    mode = "buffered"
-
-    def _read(self, dst: memoryview, file_off: int) -> int:
-        got = os.preadv(self.fd, [dst], file_off)
-        # Drop what we just read so the page cache does not keep a second copy of the weights.
-        os.posix_fadvise(self.fd, file_off, len(dst), os.POSIX_FADV_DONTNEED)
-        return got
-
-
-class MultiReader(Reader):
-    """Several files read as one virtual file (a sharded checkpoint: see checkpoint.py).
-
-    Each shard sits at its own aligned base, with a gap wider than any coalesced read between shards,
-    so a read starts inside exactly one shard and is handed to that shard's reader. A read may run past
-    its shard's end into the gap (aligned reads of the shard's last tensor): only the bytes up to the
-    shard's end must exist, as with a single file's end.
-    """
-
-    def __init__(self, path: str, parts: list[tuple[int, Reader]]):
-        self.path, self.fd = path, -1
-        self.parts = parts
-        self.bases = [b for b, _ in parts]
-        self.size = parts[-1][0] + parts[-1][1].size
-        self.mode = parts[0][1].mode
-
-    def _part(self, file_off: int) -> tuple[int, Reader]:
-        i = bisect.bisect_right(self.bases, file_off) - 1
-        if i < 0 or file_off >= self.parts[i][0] + self.parts[i][1].size:
-            raise ReadError(f"{self.path}: offset {file_off} lies between shards; no tensor is there")
-        return self.parts[i]
-
-    def route(self, file_off: int, need: int) -> tuple[int, int, int]:
-        base, r = self._part(file_off)
-        return r.fd, file_off - base, min(need, r.size - (file_off - base))
-
-    def read_into(self, dst: memoryview, file_off: int, need: int) -> None:
-        base, r = self._part(file_off)
-        r.read_into(dst, file_off - base, min(need, r.size - (file_off - base)))
-
-    def close(self) -> None:
-        for _, r in self.parts:
-            r.close()
-
-
-def open_reader(path: str, mode: str = "auto", parts: tuple[tuple[int, str], ...] = ()) -> Reader:
-    """Open `path` for streaming: mode "direct", "buffered", or "auto" (direct, else buffered).
-
-    With `parts` ((base offset, file) per shard, from checkpoint.read_checkpoint), open every shard in
-    one mode and route reads by offset (MultiReader).
-    """
-    if mode not in ("auto", "direct", "buffered"):
-        raise ValueError(f"reader mode {mode!r}: use 'auto', 'direct' or 'buffered'")
-    if parts:
-        return _open_parts(path, mode, parts)
-    if mode in ("auto", "direct"):
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
-        except OSError as e:
-            if mode == "direct" or e.errno != errno.EINVAL:
-                raise ReadError(f"{path}: cannot open with O_DIRECT: {e}") from e
-        else:
-            if _direct_works(fd):
-                return DirectReader(path, fd)
-            os.close(fd)
-            if mode == "direct":
-                raise ReadError(f"{path}: the filesystem refuses O_DIRECT reads; use reader='buffered'")
-    try:
-        return BufferedReader(path, os.open(path, os.O_RDONLY))
-    except OSError as e:
-        raise ReadError(f"{path}: cannot open: {e}") from e
-
-
-def _open_parts(path: str, mode: str, parts: tuple[tuple[int, str], ...]) -> MultiReader:
-    readers: list[Reader] = []
-    try:
-        for _, p in parts:
-            readers.append(open_reader(p, mode))
-        if len({r.mode for r in readers}) > 1:  # shards on filesystems that differ: read all alike
-            for r in readers:
-                r.close()
-            readers = []
-            for _, p in parts:
-                readers.append(open_reader(p, "buffered"))
-    except BaseException:
-        for r in readers:
-            r.close()
-        raise
-    return MultiReader(path, [(b, r) for (b, _), r in zip(parts, readers)])
-
-
-def _direct_works(fd: int) -> bool:
-    """Some filesystems accept O_DIRECT at open and refuse it at read: try one aligned read."""
-    buf = mmap.mmap(-1, 4096)
-    try:
-        os.preadv(fd, [buf], 0)
-        return True
-    except OSError:
-        return False
-    finally:
-        buf.close()
 
 
 class IOBackend:
@@ -180,16 +38,24 @@ class IOBackend:
     kind = "abstract"
     chunk_bytes = CHUNK_BYTES  # how the executor splits a unit's extents into reads
 
-    def __init__(self, reader: Reader, trace):
-        self.reader, self.trace = reader, trace
+    def __init__(self, reader: Reader | None, trace):
+        self.reader, self.trace = reader, trace  # None for a shared backend: each Port brings its own
+        self.pending = 0  # chunks submitted through the backend itself and not finished (see Port)
 
-    def submit(self, load, arena, chunks: list[tuple[int, int, int, int]]) -> None:
-        """Queue `chunks` = [(arena offset, file offset, bytes, bytes that must exist)] of `load`."""
+    def submit(self, load, arena, chunks: list[tuple[int, int, int, int]], src=None) -> None:
+        """Queue `chunks` = [(arena offset, file offset, bytes, bytes that must exist)] of `load`,
+        read from `src`'s Reader (a Port of a shared backend; by default the backend's own)."""
+        src = src or self
         load.pending = len(chunks)
         if not chunks:
             load.done.set()
             return
-        self._submit(load, arena, chunks)
+        self._count(src, len(chunks))
+        self._submit(load, arena, chunks, src)
+
+    def port(self, reader: Reader, trace) -> Port:
+        """One reader's door to this (shared) backend: closing it leaves the backend open."""
+        return Port(self, reader, trace)
 
     def wait(self, load) -> None:
         """Block until every chunk of `load` has landed (or failed: see load.error)."""
@@ -204,12 +70,49 @@ class IOBackend:
     def close(self) -> None:
         """Wait for every read in flight, then free the backend's resources."""
 
-    def _finish_chunk(self, load, error: BaseException | None) -> None:
+    def drain(self, src) -> None:
+        """Wait until every chunk submitted from `src` has finished (its fds may then be closed)."""
+
+    def _count(self, src, n: int) -> None:
+        src.pending += n
+
+    def _finish_chunk(self, load, error: BaseException | None, src) -> None:
+        src.pending -= 1
         if error is not None and load.error is None:
             load.error = error
         load.pending -= 1
         if load.pending == 0:
             load.done.set()
+
+
+class Port:
+    """One model's reads through a backend it shares with others (a Session's): its own Reader and trace.
+
+    It has the backend's interface, so an Executor cannot tell it from a backend of its own. Closing
+    it waits for its own reads (its Reader's fds are about to close) and leaves the backend open.
+    """
+
+    def __init__(self, backend: IOBackend, reader: Reader, trace):
+        self.backend, self.reader, self.trace = backend, reader, trace
+        self.kind, self.chunk_bytes = backend.kind, backend.chunk_bytes
+        self.pending = 0  # chunks submitted through this port and not finished
+
+    def submit(self, load, arena, chunks) -> None:
+        self.backend.submit(load, arena, chunks, self)
+
+    def wait(self, load) -> None:
+        self.backend.wait(load)
+
+    def poll(self) -> None:
+        self.backend.poll()
+
+    def progress(self) -> None:
+        self.backend.progress()
+
+    def close(self) -> None:
+        if self.backend is not None:
+            self.backend.drain(self)
+            self.backend = None
 
 
 class ThreadIO(IOBackend):
@@ -218,27 +121,36 @@ class ThreadIO(IOBackend):
     def __init__(self, reader: Reader, trace, workers: int = DEFAULT_WORKERS):
         super().__init__(reader, trace)
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="layerstream-read")
-        self._lock = threading.Lock()
+        self._lock = threading.Condition()  # guards every source's and load's counts of chunks pending
 
-    def _submit(self, load, arena, chunks) -> None:
+    def _count(self, src, n: int) -> None:
+        with self._lock:
+            src.pending += n
+
+    def _submit(self, load, arena, chunks, src) -> None:
         for off, file_off, nbytes, need in chunks:
-            self.pool.submit(self._read, load, arena.mem[off:off + nbytes], file_off, need)
+            self.pool.submit(self._read, load, arena.mem[off:off + nbytes], file_off, need, src)
 
-    def _read(self, load, dst: memoryview, file_off: int, need: int) -> None:
-        t0, err = self.trace.now(), None
+    def _read(self, load, dst: memoryview, file_off: int, need: int, src) -> None:
+        t0, err = src.trace.now(), None
         try:
             if load.error is None:
-                self.reader.read_into(dst, file_off, need)
+                src.reader.read_into(dst, file_off, need)
         except BaseException as e:  # surfaced on the compute thread by the executor's wait
             err = e
         finally:
             dst.release()
-            self.trace.add(f"read u{load.uid}", "read", t0, self.trace.now())
+            src.trace.add(f"read u{load.uid}", "read", t0, src.trace.now())
             with self._lock:
-                self._finish_chunk(load, err)
+                self._finish_chunk(load, err, src)
+                self._lock.notify_all()
 
     def _wait(self, load) -> None:
         load.done.wait()
+
+    def drain(self, src) -> None:
+        with self._lock:
+            self._lock.wait_for(lambda: src.pending == 0)
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)
@@ -248,19 +160,19 @@ class AioIO(IOBackend):
     kind = "aio"
     chunk_bytes = 2**20  # submits without blocking the compute thread (see the module docstring)
 
-    def __init__(self, reader: Reader, trace, depth: int = 4):
+    def __init__(self, reader: Reader | None, trace, depth: int = 4):
         super().__init__(reader, trace)
         self.ctx = AioContext(depth)
-        self.queued: deque = deque()  # chunks waiting for room in the kernel queue
-        self.inflight: dict[int, tuple] = {}  # iocb data -> (iocb, load, file_off, need, t_submit)
+        self.queued: deque = deque()  # chunks waiting for room in the kernel queue, in issue order
+        self.inflight: dict[int, tuple] = {}  # iocb data -> (iocb, load, file_off, need, t_submit, src)
         self._ids = itertools.count()
 
-    def _submit(self, load, arena, chunks) -> None:
+    def _submit(self, load, arena, chunks, src) -> None:
         base = arena.buf.data_ptr()
         for off, file_off, nbytes, need in chunks:
             key = next(self._ids)
-            fd, local_off, need = self.reader.route(file_off, need)  # a shard's fd for a sharded checkpoint
-            self.queued.append((key, iocb(fd, base + off, nbytes, local_off, key), load, file_off, need))
+            fd, local_off, need = src.reader.route(file_off, need)  # a shard's fd for a sharded checkpoint
+            self.queued.append((key, iocb(fd, base + off, nbytes, local_off, key), load, file_off, need, src))
         self.poll()
 
     def poll(self) -> None:
@@ -270,17 +182,18 @@ class AioIO(IOBackend):
         if not self.queued or room <= 0:
             return
         batch = [self.queued[i] for i in range(min(room, len(self.queued)))]
-        t0 = self.trace.now()
+        trace = batch[0][5].trace
+        t0 = trace.now()
         try:
             n = self.ctx.submit([b[1] for b in batch])
-            self.trace.add("io_submit", "submit", t0, self.trace.now(), "compute")
-        except OSError as e:  # fail the first chunk; the rest stay queued for the next poll
-            _, _, load, file_off, _ = self.queued.popleft()
-            self._finish_chunk(load, ReadError(f"{self.reader.path}: read at offset {file_off} failed: {e}"))
+            trace.add("io_submit", "submit", t0, trace.now(), "compute")
+        except OSError as e:  # the first chunk's read failed: fail it; the rest stay queued for the next poll
+            _, _, load, file_off, _, src = self.queued.popleft()
+            self._finish_chunk(load, ReadError(f"{src.reader.path}: read at offset {file_off} failed: {e}"), src)
             return
         for _ in range(n):
-            key, cb, load, file_off, need = self.queued.popleft()
-            self.inflight[key] = (cb, load, file_off, need, t0)
+            key, cb, load, file_off, need, src = self.queued.popleft()
+            self.inflight[key] = (cb, load, file_off, need, t0, src)
 
     def progress(self) -> None:
         if self.inflight:
@@ -289,15 +202,15 @@ class AioIO(IOBackend):
 
     def _reap(self, min_nr: int) -> None:
         for key, res in self.ctx.reap(min_nr):
-            cb, load, file_off, need, t0 = self.inflight.pop(key)
-            self.trace.add(f"read u{load.uid}", "read", t0, self.trace.now(), "disk (aio: submit to reap)")
+            cb, load, file_off, need, t0, src = self.inflight.pop(key)
+            src.trace.add(f"read u{load.uid}", "read", t0, src.trace.now(), "disk (aio: submit to reap)")
             err = None
             if res < 0:
-                err = ReadError(f"{self.reader.path}: read at offset {file_off} failed: {os.strerror(-res)}")
+                err = ReadError(f"{src.reader.path}: read at offset {file_off} failed: {os.strerror(-res)}")
             elif res < need:
-                err = ReadError(f"{self.reader.path}: read at offset {file_off} returned {res} of {need} bytes; "
+                err = ReadError(f"{src.reader.path}: read at offset {file_off} returned {res} of {need} bytes; "
                                 "the file was truncated or replaced while streaming")
-            self._finish_chunk(load, err)
+            self._finish_chunk(load, err, src)
 
     def _wait(self, load) -> None:
         while not load.done.is_set():
@@ -306,6 +219,13 @@ class AioIO(IOBackend):
                 raise RuntimeError(f"load of unit {load.uid} has chunks neither queued nor in flight")
             self._reap(1)
         self.poll()
+
+    def drain(self, src) -> None:
+        while src.pending:  # its chunks queued behind other ports' go in their turn
+            self.poll()
+            if not self.inflight:
+                raise RuntimeError(f"{src.reader.path}: {src.pending} chunks neither queued nor in flight")
+            self._reap(1)
 
     def close(self) -> None:
         self.queued.clear()  # never submitted: nothing will write into the arena for them
@@ -316,9 +236,18 @@ class AioIO(IOBackend):
 
 def make_io(reader: Reader, trace, kind: str = "auto", workers: int = DEFAULT_WORKERS) -> IOBackend:
     """Kernel AIO for O_DIRECT files where the kernel allows it, else a thread pool."""
+    return _backend(reader, trace, kind, workers, reader.mode)
+
+
+def make_shared_io(mode: str, kind: str = "auto", workers: int = DEFAULT_WORKERS) -> IOBackend:
+    """A backend with no reader of its own, for `Port`s: chosen as make_io would for files read in `mode`."""
+    return _backend(None, None, kind, workers, mode)
+
+
+def _backend(reader, trace, kind: str, workers: int, mode: str) -> IOBackend:
     if kind not in ("auto", "aio", "threads"):
         raise ValueError(f"io backend {kind!r}: use 'auto', 'aio' or 'threads'")
-    if kind != "threads" and reader.mode == "direct":
+    if kind != "threads" and mode == "direct":
         try:
             return AioIO(reader, trace)
         except OSError:
