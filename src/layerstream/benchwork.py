@@ -8,7 +8,10 @@ model is the process's peak during that model's calls (VmHWM, reset before each 
 cycle's latency, the sum of the models' bounds (one per call of the cycle) and the ratio to it.
 
 With `--baselines`, the same sequence two other ways, each in its own fresh process:
-- load-then-run: per turn, the model's whole state dict loaded from safetensors, run, freed;
+- load-then-run: per turn, the model's whole state dict loaded from safetensors, run, freed; freed
+  includes its file's page cache (evicted before each load): the premise is memory that cannot hold
+  every model, and a cache that kept all the files would be all of them in memory (memory is RSS plus
+  page cache everywhere in bench);
 - eager: every model loaded once and kept resident, when their weights fit in the memory available.
 """
 from __future__ import annotations
@@ -66,6 +69,7 @@ def worker(cfg: dict) -> dict:
             call = lambda n: s.run(n, *p.inputs[n])  # noqa: E731
         elif system == "load-then-run":
             def call(n):
+                evict_files([p.files[n]])  # then-free: its pages cannot stay (see the module docstring)
                 model = load_eager(build_empty(p.specs[n].build), p.files[n]).to(wl.device)
                 return model(*p.inputs[n])  # freed when `model` goes at return
         else:
@@ -97,7 +101,9 @@ def worker(cfg: dict) -> dict:
         _save_outputs(outs[name], os.path.join(cfg["out"], f"{system}-{name}.safetensors"))
         models.append(r)
     res = {"system": system, "budget_bytes": p.budget_bytes if s is not None else None, "models": models,
-           "cycles_ms": cycles_ms, "cycle_ms": statistics.median(cycles_ms[warmup:]), "peak_rss_bytes": peak_all}
+           "cycles_ms": cycles_ms, "cycle_ms": statistics.median(cycles_ms[warmup:]), "peak_rss_bytes": peak_all,
+           # now, before the reference runs below read the files through the page cache
+           "page_cache_bytes": page_cache_bytes(list(dict.fromkeys(p.files.values())))}
     if system == "layerstream":  # the reference: each model eager, alone, its compute time measured warm
         res["compute_ms"] = {}
         for m in models:
@@ -143,7 +149,6 @@ def bench_workload(path: str, repeat: int | None = None, baselines: bool = False
                 m["outputs_equal"], m["max_abs_diff"] = _compare(
                     os.path.join(tmp, f"ref-{m['name']}.safetensors"),
                     os.path.join(tmp, f"{system}-{m['name']}.safetensors"), exact=wl.device == "cpu")
-            r["page_cache_bytes"] = page_cache_bytes(files)
             r.update(_totals(r, wl.order))
             log(f"      cycle {r['cycle_ms']:.1f} ms (bound {r['bound_ms']:.1f} ms), peak RSS "
                 f"{r['peak_rss_bytes'] / 1e6:.0f} MB" + ("" if r["outputs_equal"] else "; outputs differ"))
