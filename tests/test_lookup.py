@@ -123,3 +123,17 @@ def test_a_split_tensor_is_checked_as_its_blocks_stream(folders, tmp_path):
             sm(ids)
     with ls.from_pretrained(out, budget=3 * 2**20, verify=False) as sm:
         assert not torch.equal(sm(ids).logits, want)
+
+
+def test_blocks_are_one_step_of_the_order_and_a_whole_budget_gathers_nothing(folders, eager):
+    ids = _prompt()
+    with torch.no_grad():
+        want = eager["llama"](ids).logits
+    with ls.from_pretrained(folders["llama"], budget=3 * 2**20) as sm:
+        sm(ids)
+        assert sm.cap.program.root_order.count("lm_head") == 1  # its row blocks are one call of it
+    with ls.from_pretrained(folders["llama"], budget="120%") as sm:  # (100% is a little short of every slot)
+        assert not any(u.mode == "gather" for u in sm.cap.program.units)  # the table fits: resident, no row reads
+        for _ in range(4):
+            assert torch.equal(sm(ids).logits, want)
+        assert sm.report().bytes_read_last_call == 0

@@ -53,6 +53,8 @@ def worker(cfg: dict) -> dict:
     def before(name):
         peak["all"] = max(peak["all"], peak_rss_bytes())
         _reset_peak_rss()
+        if system == "load-then-run":  # then-free: its pages cannot stay (module docstring); not timed
+            evict_files([p.files[name]])
 
     def after(name):
         rss[name] = max(rss[name], peak_rss_bytes())
@@ -69,7 +71,6 @@ def worker(cfg: dict) -> dict:
             call = lambda n: s.run(n, *p.inputs[n])  # noqa: E731
         elif system == "load-then-run":
             def call(n):
-                evict_files([p.files[n]])  # then-free: its pages cannot stay (see the module docstring)
                 model = load_eager(build_empty(p.specs[n].build), p.files[n]).to(wl.device)
                 return model(*p.inputs[n])  # freed when `model` goes at return
         else:

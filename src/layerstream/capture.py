@@ -9,7 +9,7 @@ records the true order on the first call, and units are merged and planned again
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -19,7 +19,7 @@ from .format import FileIndex
 from .layout import tensor_span, unit_layout
 from .packfile import recorded_roots
 from .quant import quant_table, seen_as
-from .units import Program, TensorRef, Unit, block_name
+from .units import Program, TensorRef, Unit, block_name, roots_in_order
 
 TORCH_TO_ST = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -53,10 +53,7 @@ class Captured:
     roots: dict[str, nn.Module]  # module path -> module, for every unit root
     root_units: dict[str, list[int]]  # module path -> unit ids it needs
     base: Program  # the unmerged cut, which fuse() merges again from each recorded order
-    virtual: dict[str, TensorRef] = None  # the row blocks that block units hold (units.block_name)
-
-    def __post_init__(self):
-        self.virtual = self.virtual or {}
+    virtual: dict[str, TensorRef] = field(default_factory=dict)  # row blocks that block units hold (units.block_name)
 
     @property
     def base_root_units(self) -> dict[str, list[int]]:
@@ -290,4 +287,4 @@ def packed_order(cap, index: FileIndex) -> list[str]:
     if out:
         return out + [r for r in roots if r not in set(out)]
     first = {u.uid: min(tensor_span(index, t)[0] for t in u.tensors) for u in cap.base.units if u.tensors}
-    return [r for uid in sorted(first, key=first.get) for r in cap.base.units[uid].roots]
+    return roots_in_order(cap.base.units[uid] for uid in sorted(first, key=first.get))

@@ -81,7 +81,12 @@ def cmd_bench(a) -> int:
 def cmd_bench_workload(a) -> int:
     """`bench WORKLOAD.toml --mode workload`: the session's workload, and with --baselines the other ways."""
     from .benchwork import bench_workload, table
-    result = bench_workload(a.model, a.repeat, a.baselines, a.budget[-1] if a.budget else None, log=_log)
+    ignored = [f for f, on in (("--weights", a.weights), ("--results", a.results), ("--io", a.io != "auto"),
+                               ("a second --budget", len(a.budget or []) > 1)) if on]
+    if ignored:  # the workload file names the weights and the I/O; one budget for the whole session
+        raise SystemExit(f"layerstream bench --mode workload: {', '.join(ignored)} does not apply to a workload; "
+                         "set weights in WORKLOAD.toml and pass at most one --budget")
+    result = bench_workload(a.model, a.repeat, a.baselines, a.budget[0] if a.budget else None, log=_log)
     from .budget import fmt_bytes
     print(f"\n{a.model}: {' -> '.join(result['order'])}, budget {fmt_bytes(result['budget_bytes'])}; latency is "
           f"the median of {result['repeat']} cycles after the learning ones\n")

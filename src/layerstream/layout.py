@@ -16,11 +16,11 @@ GATHER_SLOT = 2 * 2**20  # a gather unit's slot: the rows of a 128-token prompt 
 GATHER_ROWS = 64  # ... and at least this many rows of a wider table
 
 
-def _down(x: int) -> int:
+def align_down(x: int) -> int:
     return x - x % ALIGN
 
 
-def _up(x: int) -> int:
+def align_up(x: int) -> int:
     return -(-x // ALIGN) * ALIGN
 
 
@@ -39,7 +39,7 @@ def gather_layout(unit: Unit, index: FileIndex) -> UnitLayout:
     """A gather unit reads nothing ahead: its slot is scratch for the rows one lookup reads (lookup.py)."""
     t = index.tensors[unit.tensors[0]]
     row = t.nbytes // t.shape[0]
-    slot = min(_up(t.nbytes) + ALIGN, max(GATHER_SLOT, GATHER_ROWS * (_up(row) + ALIGN)))
+    slot = min(align_up(t.nbytes) + ALIGN, max(GATHER_SLOT, GATHER_ROWS * (align_up(row) + ALIGN)))
     return UnitLayout(unit.uid, (), (), slot, t.end, (t.begin, row))
 
 
@@ -55,13 +55,13 @@ def unit_layout(unit: Unit, index: FileIndex) -> UnitLayout:
     spans = sorted((*tensor_span(index, n), n) for n in (*unit.tensors, *scales))
     groups: list[list[tuple[int, int, str]]] = []
     for s in spans:
-        if groups and _down(s[0]) <= _up(groups[-1][-1][1]) + MAX_GAP:
+        if groups and align_down(s[0]) <= align_up(groups[-1][-1][1]) + MAX_GAP:
             groups[-1].append(s)
         else:
             groups.append([s])
     extents, offsets, slot = [], [], 0
     for g in groups:
-        start, end = _down(g[0][0]), _up(max(e for _, e, _ in g))
+        start, end = align_down(g[0][0]), align_up(max(e for _, e, _ in g))
         extents.append(Extent(start, end - start, slot))
         offsets.extend((n, slot + b - start) for b, _, n in g)
         slot += end - start

@@ -111,7 +111,7 @@ def units_by_model(spec, weights: str, max_unit: int) -> tuple[list[tuple[str, l
     raw = read_checkpoint(weights).tensors
     file_name = {(t.begin, t.end): n for n, t in raw.items()}
     named = {n: n if n in raw else file_name[(t.begin, t.end)] for n, t in sm.index.tensors.items()}
-    roots = tuple(r for u in prog.steps for r in prog.units[u].roots)
+    roots = tuple(prog.root_order)
     units: list[tuple[str, list[str]]] = []
     placed: set[str] = set()
     size = 0

@@ -15,7 +15,7 @@ from .units import Program
 def write_plan_file(path, plan: Plan, program: Program, max_unit: int, **extra) -> None:
     """Write `plan` with the unit size and recorded order of `program`, and `extra` fields for people."""
     d = json.loads(plan.to_json())
-    d.update(max_unit=max_unit, root_order=[r for u in program.steps for r in program.units[u].roots], **extra)
+    d.update(max_unit=max_unit, root_order=program.root_order, **extra)
     with open(path, "w") as f:
         json.dump(d, f, indent=1)
 

@@ -8,7 +8,7 @@ model sees q * scale (quantize.py holds the arithmetic). The int8 tensor keeps i
 it in the same unit. The unit table lists them, with the dtype the model sees and the channel's axis
 (0 for Linear's [out, in], 1 for Conv1D's [in, out]):
     table["quant"] = {NAME: {"scale": "NAME.__scale__", "dtype": "F32", "axis": 0}, ...}
-Tied weights (a tied embedding and lm_head) stay float: their other user gathers rows.
+Tied weights (a tied embedding and lm_head) stay float: the embedding reads float rows of them.
 
 The budget counts what the model sees (float), the disk what is stored (a quarter of it): a unit with
 int8 weights reads its stored bytes into the tail of a slot laid out for the float tensors, then

@@ -64,6 +64,15 @@ class SessionModel(StreamedModel):
     def _open_io(self, io: str, workers: int):
         return self._session._port(self._reader, self.trace)
 
+    def close(self) -> None:
+        """Close this model alone. Its reads share the session's backend, so this waits for the session's
+        turn (unless this thread holds it: the session closing, or add() failing)."""
+        turns = self._session._turns
+        if turns.held():
+            return super().close()
+        with turns.turn():
+            super().close()
+
     def generate(self, *args, **kwargs):
         raise NotImplementedError("generate() is not served by a Session yet (its decoding steps would need a "
                                   "turn each); stream the model alone with layerstream.stream() to generate")
@@ -202,9 +211,13 @@ class Session:
             if self._closed:
                 return
             self._closed = True
+            errors = []
             try:
                 for sm in self._models.values():
-                    sm.close()
+                    try:  # each model closes even if one fails: the shared backend closes after all of them
+                        sm.close()
+                    except Exception as e:
+                        errors.append(e)
             finally:
                 if self.stage is not None:
                     self.stage.close()
@@ -213,6 +226,8 @@ class Session:
                     self.io.close()
                     self.io = None
                 self.arena.close()
+            if errors:
+                raise errors[0]
 
     def __enter__(self):
         return self

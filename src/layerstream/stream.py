@@ -98,7 +98,11 @@ class StreamedModel(nn.Module):
             plan, max_unit, root_order = read_plan_file(plan, max_unit)
         self.max_unit = max_unit or default_max_unit(self.budget_bytes)
         # Large embedding tables read only the rows looked up (on the CPU), large linears compute in row blocks.
-        cap = capture(model, self.index, self.max_unit, gather=self.device.type == "cpu", split=True)
+        # (Not when the budget holds every unit whole: then the table is resident and no row is read per call.)
+        cap = capture(model, self.index, self.max_unit, split=True)
+        if self.device.type == "cpu" and self.budget_bytes < sum(unit_layout(u, self.index).slot_nbytes
+                                                                 for u in cap.program.units):
+            cap = capture(model, self.index, self.max_unit, split=True, gather=True)
         if not root_order and plan is None and self.unit_table:
             # A packed file knows the order: a better first guess than registration order, so even the
             # first (cold) call reads ahead the units it needs instead of missing them.

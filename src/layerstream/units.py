@@ -58,6 +58,18 @@ def parse_block(name: str) -> tuple[str, int, int] | None:
     return base, int(lo), int(hi)
 
 
+def roots_in_order(units) -> list[str]:
+    """The root paths of `units` in order; the row blocks of one layer (one call of it) count once."""
+    out: list[str] = []
+    prev = None
+    for u in units:
+        if not (u.mode == "block" and prev is not None and prev.mode == "block" and prev.roots == u.roots
+                and prev.uid != u.uid):
+            out.extend(u.roots)
+        prev = u
+    return out
+
+
 @dataclass(frozen=True)
 class Program:
     """What one call of the model needs, in order.
@@ -69,6 +81,12 @@ class Program:
     units: tuple[Unit, ...]
     steps: tuple[int, ...]
     tensors: tuple[TensorRef, ...]
+
+    @property
+    def root_order(self) -> list[str]:
+        """The module paths one call runs, in step order: what `fuse` merges along (a path whose
+        consecutive units are its row blocks appears once)."""
+        return roots_in_order(self.units[u] for u in self.steps)
 
     @property
     def weight_bytes(self) -> int:

@@ -29,7 +29,7 @@ from ..units import UnitLayout
 from .arena import Arena
 from .dequant import expand
 from .io import IOBackend
-from .load import Load
+from .load import Load, chunks_of
 from .ring import RingSpace
 from .lookup import check_resident_splits
 from .trace import Trace
@@ -284,12 +284,7 @@ class Executor(RingSpace):
         if self.stage is not None:
             target, base = self.stage.host, load.host_off
             self.stage.before_read(base, load.nbytes)
-        chunks, step = [], self.io.chunk_bytes
-        for ext in lay.extents:
-            for c in range(0, ext.nbytes, step):
-                n = min(step, ext.nbytes - c)
-                foff = ext.file_off + c
-                chunks.append((base + ext.slot_off + c, foff, n, max(0, min(n, lay.data_end - foff))))
+        chunks = chunks_of(lay.extents, base, self.io.chunk_bytes, lay.data_end)
         if load.off is not None:
             self.live.append(load)
         self.arena.hold(load.nbytes)
@@ -346,6 +341,9 @@ class Executor(RingSpace):
             for load in held:
                 self.io.wait(load)
             self.arena.drop(sum(ld.nbytes for ld in held))
+            for name in self.resident_views:  # and the model holds no view into bytes it no longer owns
+                for o in self.cap.owners.get(name, ()):
+                    o.assign(self.cap.originals[name])
             raise
 
     def _bind_resident(self, loads: list[Load]) -> None:

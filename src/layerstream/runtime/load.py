@@ -16,3 +16,16 @@ class Load:
         self.pending = 0
         self.done = threading.Event()
         self.error: BaseException | None = None
+
+
+def chunks_of(extents, base: int, step: int, data_end: int) -> list[tuple[int, int, int, int]]:
+    """The reads of `extents` (file ranges -> slot offsets, from `base`) as I/O backend chunks of at most
+    `step` bytes: (memory offset, file offset, bytes, bytes that must exist before `data_end`)."""
+    out = []
+    for ext in extents:
+        for c in range(0, ext.nbytes, step):
+            n = min(step, ext.nbytes - c)
+            foff = ext.file_off + c
+            out.append((base + ext.slot_off + c, foff, n, max(0, min(n, data_end - foff))))
+    return out
+

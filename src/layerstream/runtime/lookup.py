@@ -11,7 +11,10 @@ block's read lands in the ring while this one computes and no unit outgrows a sm
 
 Both replace the module's forward on the instance (restored on close); the hooks around it still run,
 so a module's call is timed and traced like any other. Rows are copies and blocks are the same products
-(blocks are multiples of 64 rows), so outputs equal the eager model's.
+(blocks are multiples of 64 rows but the last, which gave the whole layer's products bit for bit on
+the CPU kernels measured; CUDA's kernels are chosen by shape and are not checked), so outputs equal the
+eager model's on the CPU. Gather units are made on the CPU only, and only when the budget cannot hold
+every weight (then the table would be resident and read no rows at all).
 
 Checksums: a packed file's digest covers a whole tensor, so a split tensor is hashed as its blocks
 stream by, in row order, and the call fails with ChecksumError at the layer's end if it does not match
@@ -29,26 +32,30 @@ from torch import nn
 
 from ..capture import ST_TO_TORCH, Captured
 from ..errors import BudgetError, ChecksumError
-from ..units import parse_block
-from ..layout import ALIGN
-from .load import Load
+from ..units import Extent, parse_block
+from ..layout import align_down, align_up
+from .load import Load, chunks_of
 
 
-def install(cap: Captured, get_exec: Callable) -> list[nn.Module]:
-    """Give the root module of every gather and block unit its forward; the modules changed."""
-    done: dict[int, nn.Module] = {}
+def install(cap: Captured, get_exec: Callable) -> list[tuple[nn.Module, object]]:
+    """Give the root module of every gather and block unit its forward; (module, what its instance
+    held as `forward` before, or None) for each, for `uninstall`."""
+    done: dict[int, tuple[nn.Module, object]] = {}
     for u in cap.base.units:
         mod = cap.roots[u.roots[0]]
         if u.mode and id(mod) not in done:
+            done[id(mod)] = (mod, mod.__dict__.get("forward"))
             make = _gather_forward if u.mode == "gather" else _blocks_forward
             mod.forward = make(get_exec, u.roots[0])
-            done[id(mod)] = mod
     return list(done.values())
 
 
-def uninstall(mods: list[nn.Module]) -> None:
-    for mod in mods:
-        mod.__dict__.pop("forward", None)
+def uninstall(installed: list[tuple[nn.Module, object]]) -> None:
+    for mod, before in installed:
+        if before is None:
+            mod.__dict__.pop("forward", None)
+        else:
+            mod.forward = before
 
 
 def _gather_forward(get_exec: Callable, path: str):
@@ -76,9 +83,13 @@ def check_resident_splits(ex) -> None:
         if all(uid in ex.resident for _, _, uid in parts):
             h = xxhash.xxh3_64()
             for _, n, _ in sorted(parts):
-                h.update(ex.resident_views[n].reshape(-1).view(torch.uint8).cpu().numpy())
+                _hash(h, ex.resident_views[n])
             _check(h, t, ex.split_digests[t], f"tensor {t}")
             ex.split_verified.add(t)
+
+
+def _hash(h, view: torch.Tensor) -> None:
+    h.update(view.reshape(-1).view(torch.uint8).cpu().numpy())
 
 
 def _check(h, tensor: str, digest: str, what: str) -> None:
@@ -102,21 +113,13 @@ def _blocks_forward(get_exec: Callable, path: str):
             for name, view in zip(ex.units[uid].tensors, views):
                 h = check.get(parse_block(name)[0])
                 if h is not None:  # blocks come in row order: their bytes, one after another, are the tensor's
-                    h.update(view.reshape(-1).view(torch.uint8).cpu().numpy())
+                    _hash(h, view)
             outs.append(F.linear(input, *views))
             ex.release((uid,))
         for t, h in check.items():
             _check(h, t, ex.split_digests[t], path)
         return torch.cat(outs, dim=-1)
     return forward
-
-
-def _down(x: int) -> int:
-    return x - x % ALIGN
-
-
-def _up(x: int) -> int:
-    return -(-x // ALIGN) * ALIGN
 
 
 def gather(ex, uid: int, ids: torch.Tensor) -> torch.Tensor:
@@ -142,7 +145,7 @@ def gather(ex, uid: int, ids: torch.Tensor) -> torch.Tensor:
         runs, where, used = [], [], 0  # runs: [slot offset, file start, file end]
         while i < len(wanted):
             a = begin + wanted[i] * row
-            first, last = _down(a), _up(a + row)
+            first, last = align_down(a), align_up(a + row)
             if runs and first <= runs[-1][2]:
                 grow = max(0, last - runs[-1][2])
                 if where and used + grow > lay.slot_nbytes:
@@ -159,11 +162,8 @@ def gather(ex, uid: int, ids: torch.Tensor) -> torch.Tensor:
         if used > lay.slot_nbytes:
             raise BudgetError(f"{ex.units[uid].name}: one row ({row} bytes) does not fit its "
                               f"{lay.slot_nbytes}-byte gather slot")
-        chunks, step = [], ex.io.chunk_bytes
-        for off, first, last in runs:
-            for c in range(0, last - first, step):
-                n = min(step, last - first - c)
-                chunks.append((addr + off + c, first + c, n, max(0, min(n, lay.data_end - first - c))))
+        chunks = chunks_of([Extent(first, last - first, off) for off, first, last in runs], addr,
+                           ex.io.chunk_bytes, lay.data_end)
         ex.read_now(Load(uid, None, addr, used), chunks)
         parts.append(torch.stack([ex.arena.view(addr + w, dtype, row_shape) for w in where]))
     table = parts[0] if len(parts) == 1 else torch.cat(parts)

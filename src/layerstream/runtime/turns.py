@@ -41,6 +41,11 @@ class Turns:
                 self._queue.popleft()
                 self._cv.notify_all()
 
+    def held(self) -> bool:
+        """Whether the calling thread holds the turn."""
+        with self._cv:
+            return self._holder == threading.get_ident()
+
     def next_waiting(self) -> str | None:
         """The model of the first caller waiting behind the current turn, if any."""
         with self._cv:
