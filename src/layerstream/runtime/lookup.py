@@ -74,7 +74,7 @@ def _gather_forward(get_exec: Callable, path: str):
 
 def check_resident_splits(ex) -> None:
     """Check, once, each split tensor all of whose blocks are resident (a call never re-reads them)."""
-    blocks: dict[str, list[tuple[int, str]]] = {}
+    blocks: dict[str, list[tuple[int, str, int]]] = {}  # tensor -> (first row, block name, unit id)
     for u in ex.units:
         for n in u.tensors:
             if u.mode == "block" and parse_block(n)[0] in ex.split_digests:
