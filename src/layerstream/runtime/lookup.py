@@ -2,8 +2,9 @@
 
 An embedding lookup needs only the rows of the ids it looks up: a *gather* unit's slot is a small
 scratch (layout.gather_layout), and the module's forward reads just those rows into it, in page-aligned
-runs, then copies them out: a 412 MB table costs a 128-token prompt 1.57 MB of reads (benchmarks/gather_rows.py), and a
-decoding step one row. A tied output projection still streams the table whole, as its own unit.
+runs, then copies them out: a 412 MB table costs a 128-token prompt 1.57 MB of reads
+(benchmarks/gather_rows.py), and a decoding step one row. A tied output projection still streams the
+table whole, as its own unit(s).
 
 A linear layer larger than the unit size is cut into *block* units of rows (capture.py); its forward
 computes them one after another, each block released as soon as its columns are computed, so its next
