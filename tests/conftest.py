@@ -44,6 +44,13 @@ class Saved:
             assert torch.equal(g, e), f"{self.name}: max diff {(g.float() - e.float()).abs().max()}"
 
 
+@pytest.fixture(autouse=True)
+def own_cache(tmp_path, monkeypatch):
+    """Each test its own cache directory: stream() keeps cost models there, and one test's cached
+    costs would skip the timed calls another test learns from (and nothing lands in ~/.cache)."""
+    monkeypatch.setenv("LAYERSTREAM_CACHE", str(tmp_path / "cache"))
+
+
 @pytest.fixture(scope="session")
 def saved(tmp_path_factory):
     root = tmp_path_factory.mktemp("weights")

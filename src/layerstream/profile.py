@@ -27,7 +27,7 @@ from .meta import build_empty
 from .plan.cost import CostModel
 from .units import Program, TensorRef, Unit
 
-CACHE_VERSION = 2  # 2: gather and block units (units carry a mode). Bump when the JSON's meaning changes: older files are then measured again
+CACHE_VERSION = 3  # 2: gather and block units (units carry a mode); 3: stream()'s own entries, per-unit read bytes. Bump when the JSON's meaning changes: older files are then measured again
 
 
 def _stderr(msg: str) -> None:
@@ -116,22 +116,27 @@ class Profile:
 
 
 def profile(spec, weights: str | os.PathLike, budget="25%", device="cpu", max_unit: int | None = None,
-            log=_stderr):
+            log=_stderr, refresh: bool = False):
     """(program, slot sizes, calibrated CostModel, max_unit) of `spec` streamed from `weights`.
 
-    The first call learns the order, the next two are timed step by step (see StreamedModel). `log`
-    gets a line before and after each call (progress, on stderr by default; None for silence).
+    The first call learns the order, the next two are timed step by step (see learn.py). `log`
+    gets a line before and after each call (progress, on stderr by default; None for silence). The
+    stream's own profile cache is used (a model streamed alike before is not timed again) unless
+    `refresh`, which times it and writes the cache over.
     """
     from .stream import stream
 
     log = log or (lambda msg: None)
     inputs = tuple(x.to(device) for x in spec.example_inputs())
     max_unit = effective_max_unit(spec, budget, max_unit)
+    cache = "refresh" if refresh else "on"
     try:
-        sm = stream(build_empty(spec.build), weights, budget=budget, device=device, max_unit=max_unit)
+        sm = stream(build_empty(spec.build), weights, budget=budget, device=device, max_unit=max_unit,
+                    profile_cache=cache)
     except BudgetError as e:  # below the minimum for this cut: profile at the minimum instead
         log(f"  {e.minimum_bytes} bytes is the least this unit cut runs in: profiling there instead")
-        sm = stream(build_empty(spec.build), weights, budget=e.minimum_bytes, device=device, max_unit=max_unit)
+        sm = stream(build_empty(spec.build), weights, budget=e.minimum_bytes, device=device, max_unit=max_unit,
+                    profile_cache=cache)
     what = ("learning the step order", "timing each step with reads overlapping compute",
             "timing each step with reads serial: pure compute")
     with sm:
@@ -140,6 +145,9 @@ def profile(spec, weights: str | os.PathLike, budget="25%", device="cpu", max_un
             t = time.perf_counter()
             sm(*inputs)
             log(f"  call {i + 1}/3 ({doing}): {(time.perf_counter() - t) * 1e3:.1f} ms")
+            if sm.costs is not None and i < 2:  # stream() found it in its cache (learn.py)
+                log(f"  {sm.profile_note}")
+                break
         if sm.costs is None:
             raise ModelError("the timed calls took another order than the first (data-dependent control "
                              "flow), or nothing streams at this budget, so no cost model could be made; "
@@ -168,6 +176,43 @@ def cache_path(key: dict) -> Path:
     return cache_root() / f"{name}-{digest}.json"
 
 
+def program_digest(program: Program) -> str:
+    """A hash of the Program (units, steps, tensors): a profile fits only the program it timed."""
+    return hashlib.sha256(json.dumps(program_to_dict(program), sort_keys=True).encode()).hexdigest()[:32]
+
+
+def read_cached(key: dict, log=None) -> tuple[Profile | None, Path]:
+    """(the profile cached under `key` or None, its cache file). A file for another key, or one that
+    does not parse, is a miss (and is said so to `log`): it is measured again and written over."""
+    path = cache_path(key)
+    if not path.exists():
+        return None, path
+    try:
+        prof = Profile.from_json(path.read_text())
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        if log:
+            log(f"profile cache {path} is unreadable ({e}): measuring again")
+        return None, path
+    if prof.key != key:
+        if log:
+            log(f"profile cache {path} was made for something else: measuring again")
+        return None, path
+    return prof, path
+
+
+def write_cached(prof: Profile) -> Path:
+    """Keep `prof` under its key; written whole or not at all (a reader never sees half a file)."""
+    path = cache_path(prof.key)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    try:
+        tmp.write_text(prof.to_json())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
 def load_or_profile(spec, weights, budget="25%", device="cpu", max_unit: int | None = None, *,
                     refresh: bool = False, log=_stderr) -> tuple[Profile, Path, bool]:
     """(profile, its cache file, whether it came from the cache): measured only when not cached.
@@ -178,22 +223,14 @@ def load_or_profile(spec, weights, budget="25%", device="cpu", max_unit: int | N
     log = log or (lambda msg: None)
     max_unit = effective_max_unit(spec, budget, max_unit)
     key = profile_key(spec, weights, device, max_unit)
-    path = cache_path(key)
-    if path.exists() and not refresh:
-        try:
-            prof = Profile.from_json(path.read_text())
-            if prof.key == key:
-                return prof, path, True
-            log(f"profile cache {path} was made for something else: measuring again")
-        except (ValueError, KeyError, TypeError) as e:
-            log(f"profile cache {path} is unreadable ({e}): measuring again")
+    prof, path = (None, cache_path(key)) if refresh else read_cached(key, log)
+    if prof is not None:
+        return prof, path, True
     log(f"profiling {spec.name} on {key['device']} (three streamed calls; cached in {path.parent}) ...")
     t = time.perf_counter()
-    program, sizes, costs, max_unit = profile(spec, weights, budget, device, max_unit, log=log)
+    program, sizes, costs, max_unit = profile(spec, weights, budget, device, max_unit, log=log,
+                                              refresh=refresh)
     prof = Profile(program, sizes, costs, max_unit, key, time.perf_counter() - t)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(prof.to_json())
-    os.replace(tmp, path)  # a reader never sees half a file
+    write_cached(prof)
     log(f"profile saved to {path}")
     return prof, path, False

@@ -10,20 +10,18 @@ import torch
 from torch import nn
 
 from .budget import parse_budget
+from . import learn
 from .capture import ST_TO_TORCH, capture, fuse, packed_order
-from .checkpoint import read_checkpoint, shard_paths
+from .checkpoint import read_checkpoint
 from .errors import ClosedError, ModelError
 from .format import FileIndex
 from .layout import unit_layout
-from .measure import disk_read_bps
 from .outputs import tensors_of
 from .packfile import checks_for, rename_units, tensor_digests, unit_table
 from .planfile import read_plan_file
 from .plan import Plan, plan_fill
-from .plan.calibrate import calibrate_read_bps
-from .plan.cost import CostModel, costs_from_record, with_read_tax
-from .plan.greedy import plan_greedy
-from .plan.simulate import Prediction, simulate
+from .plan.cost import CostModel
+from .plan.simulate import Prediction
 from .report import Report  # noqa: F401 - its home was here; imported from here too
 from .pretrained import align_to_model
 from .runtime.arena import Arena
@@ -36,7 +34,6 @@ from .units import parse_block
 if TYPE_CHECKING:
     from .pretrained import GenerationStats
 
-PROFILE_READ_BYTES = 256 * 2**20  # how much of the file to read to measure the reader's speed
 MIN_UNIT = 256 * 2**10
 MAX_UNIT = 64 * 2**20
 
@@ -70,7 +67,8 @@ class StreamedModel(nn.Module):
 
     def __init__(self, model: nn.Module, path: str | os.PathLike | FileIndex, budget="10%", device="cpu", *,
                  plan: Plan | str | os.PathLike | None = None, max_unit: int | None = None, reader: str = "auto",
-                 io: str = "auto", workers: int = DEFAULT_WORKERS, trace: bool = True, verify: bool = True):
+                 io: str = "auto", workers: int = DEFAULT_WORKERS, trace: bool = True, verify: bool = True,
+                 profile_cache: str = "on"):
         super().__init__()
         self.device = torch.device(device)
         if self.device.type not in ("cpu", "cuda"):
@@ -112,6 +110,8 @@ class StreamedModel(nn.Module):
         self._set_capture(cap)
         self._learning = "done" if plan is not None else "order"  # a plan the user passed is kept as it is
         self._reader_mode = reader
+        self._profile_cache = learn.check_cache_mode(profile_cache)
+        self.profile_note = ""  # where the cost model came from, once there is one
         self.costs: CostModel | None = None
         self._profile_bps = 0.0
         self._overlapped: CostModel | None = None
@@ -248,58 +248,9 @@ class StreamedModel(nn.Module):
         _check_not_meta(out)
         self._maybe_replan(ex, key)
 
-    def _maybe_replan(self, ex: Executor, key=None) -> None:
-        """Plan again from what calls showed: the order after the first, the costs after the third.
-
-        Call 1 runs the registration-order guess; units are merged along the order it really took.
-        Call 2 runs that program with reads overlapping compute and is timed step by step. Call 3 runs
-        it serially (each read only when compute asks), so its steps time pure compute; the difference
-        is the compute that reading costs (the read tax). With the reader's speed, calibrated so the
-        simulator reproduces call 2, that makes the cost model; the greedy planner's plan replaces the
-        fill plan if the simulator predicts it faster. Calls 2 and 3 must have the same input shapes
-        (`key`) to be compared: generate()'s prefill and decoding steps differ, so a serial call whose
-        shapes differ from the timed one's is thrown away and the next call is timed again.
-        """
-        if self._learning == "done":
-            return
-        if self._learning == "order":
-            self._learning = "overlapped"
-            cap = fuse(self.cap, [p for p, _, _ in ex.recorded], self.max_unit, self.index)
-            if cap.program != self.cap.program:
-                self._restart(cap, lambda: plan_fill(cap.program, self.sizes, self.budget_bytes))
-            return
-        bps = self._profile_bps
-        if self._learning == "overlapped":
-            if not bps:  # the largest shard stands for a folder's disk: they lie side by side
-                big = max(shard_paths(self.index), key=os.path.getsize)
-                self._profile_bps = bps = disk_read_bps(big, self._reader_mode, self._io.kind,
-                                                        max_bytes=PROFILE_READ_BYTES)[0]
-            self._key_overlapped = key
-            self._overlapped = costs_from_record(self.cap.program, self.cap.root_units, ex.recorded, *ex.t_call, bps)
-            self._overlapped_s = (ex.t_call[1] - ex.t_call[0]) / 1e9
-            more = self._overlapped is not None and bool(self.plan.loads)  # nothing streams: nothing to plan
-            self._learning = "pure" if more else "done"
-            ex.set_serial(more)
-            return
-        if key != self._key_overlapped:  # not comparable with the timed call: time the next one again
-            self._learning = "overlapped"
-            ex.set_serial(False)
-            return
-        self._learning = "done"
-        ex.set_serial(False)
-        pure = costs_from_record(self.cap.program, self.cap.root_units, ex.recorded, *ex.t_call, bps)
-        if pure is None:
-            return  # this call took another order (data-dependent control flow): keep the fill plan
-        streamed = sum(self.sizes[u] for u, _ in self.plan.loads)
-        costs = with_read_tax(self._overlapped, pure, streamed)
-        costs = calibrate_read_bps(self.cap.program, self.sizes, costs, self.plan, self._overlapped_s)
-        self.costs = costs
-        now = simulate(self.cap.program, self.sizes, costs, self.plan)
-        plan, pred = plan_greedy(self.cap.program, self.sizes, costs, self.budget_bytes)
-        self.prediction = now
-        if pred.latency_s < now.latency_s * 0.98:
-            self.prediction = pred
-            self._restart(self.cap, lambda: plan)
+    def _maybe_replan(self, ex: Executor, key=()) -> None:
+        """Learn from the call just served, and re-plan once its costs are known (learn.py)."""
+        learn.after_call(self, ex, key)
 
     def _restart(self, cap, make_plan) -> None:
         """Free the arena, adopt `cap`, then plan (with `cap`'s slot sizes) and start again."""
@@ -316,6 +267,8 @@ class StreamedModel(nn.Module):
         notes = []
         if self._reader.mode == "buffered":
             notes.append("the filesystem refused O_DIRECT: buffered reads, pages dropped after each read")
+        if self.profile_note:
+            notes.append(self.profile_note)
         return Report(
             calls=len(self._latencies), latency_ms=self._latencies[-1] if self._latencies else 0.0,
             latency_ms_all=list(self._latencies), weight_bytes=self.weight_bytes,
@@ -361,9 +314,9 @@ class StreamedModel(nn.Module):
 
 
 def _shape_key(args, kwargs) -> tuple:
-    """The shapes of a call's tensor arguments, but an attention mask's (it grows by one per decoded token)."""
+    """Shapes and dtypes of a call's tensor arguments, but an attention mask's (it grows by one per decoded token)."""
     items = list(enumerate(args)) + [(k, v) for k, v in kwargs.items() if k != "attention_mask"]
-    return tuple((k, tuple(v.shape)) for k, v in items if isinstance(v, torch.Tensor))
+    return tuple((k, tuple(v.shape), str(v.dtype)) for k, v in items if isinstance(v, torch.Tensor))
 
 
 def _move_real_buffers(model: nn.Module, device: torch.device) -> None:

@@ -1,0 +1,108 @@
+"""stream() keeps the cost model its first calls measured, and a later stream of the same model skips them."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import layerstream as ls
+from layerstream import zoo
+
+BUDGET = "50%"
+UNIT = 16 * 1024  # many units, so that some stream at BUDGET
+
+
+def budget(s) -> int:
+    """Half the weights, or the least this cut runs in where half is below it."""
+    try:
+        with ls.stream(s.model(), s.path, budget=BUDGET, max_unit=UNIT, profile_cache="off"):
+            return ls.parse_budget(BUDGET, s.weight_bytes)
+    except ls.BudgetError as e:
+        return e.minimum_bytes
+
+
+def cached_files() -> list[Path]:
+    return sorted((Path(os.environ["LAYERSTREAM_CACHE"]) / "profiles").glob("*.json"))
+
+
+def learn(s, **kw):
+    """Stream `s` for three calls (order, timed, serial): its cost model is then known."""
+    with ls.stream(s.model(), s.path, budget=budget(s), max_unit=UNIT, **kw) as sm:
+        for _ in range(3):
+            s.check(sm(*s.inputs))
+        assert sm.costs is not None, "learning did not finish"
+        return sm.costs, sm.profile_note
+
+
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-resnet", "tiny-t5"])
+def test_a_second_stream_takes_the_cached_costs_after_its_first_call(saved, name):
+    s = saved(name)
+    costs, note = learn(s)
+    assert "kept in" in note and len(cached_files()) == 1
+    with ls.stream(s.model(), s.path, budget=budget(s), max_unit=UNIT) as sm:
+        s.check(sm(*s.inputs))
+        assert sm.costs == costs and sm._learning == "done"  # neither the timed nor the serial call runs
+        assert sm.prediction is not None
+        for _ in range(3):
+            s.check(sm(*s.inputs))
+        notes = sm.report().notes
+    assert any("from the profile cache" in n for n in notes), notes
+    assert len(cached_files()) == 1
+
+
+def test_other_inputs_or_a_rewritten_file_are_measured_again(saved, tmp_path):
+    s = saved("tiny-gpt2")
+    learn(s)
+    longer = (torch.cat([s.inputs[0], s.inputs[0]], dim=1),)
+    with ls.stream(s.model(), s.path, budget=budget(s), max_unit=UNIT) as sm:
+        sm(*longer)
+        assert sm.costs is None and sm._learning == "overlapped"  # another shape: not the costs cached
+    copy = tmp_path / "copy.safetensors"
+    copy.write_bytes(Path(s.path).read_bytes())
+    with ls.stream(s.model(), copy, budget=budget(s), max_unit=UNIT) as sm:  # another file (same bytes): its own entry
+        s.check(sm(*s.inputs))
+        assert sm.costs is None
+    os.utime(s.path, ns=(1, 1))  # the file rewritten (its mtime moved)
+    with ls.stream(s.model(), s.path, budget=budget(s), max_unit=UNIT) as sm:
+        s.check(sm(*s.inputs))
+        assert sm.costs is None
+
+
+def test_off_writes_nothing_and_refresh_measures_again(saved):
+    s = saved("tiny-gpt2")
+    _, note = learn(s, profile_cache="off")
+    assert "cache off" in note and cached_files() == []
+    first, _ = learn(s)
+    [path] = cached_files()
+    before = path.stat().st_mtime_ns
+    _, note = learn(s, profile_cache="refresh")  # three calls again, written over
+    assert "kept in" in note and path.stat().st_mtime_ns != before
+    with pytest.raises(ValueError, match="profile_cache='sometimes'"):
+        ls.stream(s.model(), s.path, budget=BUDGET, max_unit=UNIT, profile_cache="sometimes")
+
+
+def test_an_unreadable_cache_file_is_measured_again_and_replaced(saved):
+    s = saved("tiny-gpt2")
+    costs, _ = learn(s)
+    [path] = cached_files()
+    path.write_text("{ not json")
+    with ls.stream(s.model(), s.path, budget=budget(s), max_unit=UNIT) as sm:
+        s.check(sm(*s.inputs))
+        assert sm.costs is None  # not adopted: learned again
+        for _ in range(2):
+            s.check(sm(*s.inputs))
+        assert sm.costs is not None
+    assert ls.profile.Profile.from_json(path.read_text()).costs == sm.costs
+
+
+def test_layerstream_profile_and_stream_share_the_cache(saved):
+    """`profile` streams with the cache on: a stream of the same model after it is not timed again."""
+    from layerstream.profile import profile
+    spec = zoo.get("tiny-gpt2")
+    s = saved("tiny-gpt2")
+    _, _, costs, max_unit = profile(spec, s.path, budget(s), max_unit=UNIT, log=None)
+    with ls.stream(s.model(), s.path, budget=budget(s), max_unit=max_unit) as sm:
+        s.check(sm(*s.inputs))
+        assert sm.costs == costs
