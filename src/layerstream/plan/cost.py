@@ -6,9 +6,10 @@ next step starting, so waits for reads are never counted as compute. Read cost i
 over bandwidth, measured on the same file with the same reader.
 
 A unit's read is not always its slot: an int8 unit's slot holds the expanded float weights while the
-disk gives about a quarter of that, and a gather unit's 2 MiB scratch slot receives only the rows a
-call looks up. Memory is charged in slot bytes (the planners' `sizes`); time, the read tax and the
-bytes "streamed" per call are charged in the bytes read, which `read_bytes` lists where they differ.
+disk gives about a quarter of that, and a gather unit's planned load reads nothing ahead (its slot is
+scratch for the rows its forward reads on demand, resident or not, so they are timed as that step's
+compute). Memory is charged in slot bytes (the planners' `sizes`); time, the read tax and the bytes
+"streamed" per call are charged in the bytes read, which `read_bytes` lists where they differ.
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ class CostModel:
     # stalls one of torch's two threads and the other waits: 0.4-0.7 ms per MB (see README).
     read_tax_s_per_byte: float = 0.0
     # (unit id, bytes one load of it reads), sorted, for units whose read is not their slot: int8 units
-    # (their extents), gather units (the rows a call looked up). Every other unit reads its slot.
+    # and gather units (UnitLayout.read_nbytes: their extents; none for a gather unit). Others: the slot.
     read_bytes: tuple[tuple[int, int], ...] = ()
 
     def read_s(self, nbytes: int) -> float:

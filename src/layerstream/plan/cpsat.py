@@ -6,9 +6,9 @@ The model (OR-Tools CP-SAT; times in integer quanta of the call's serial worst c
     the last;
   - per streamed step, an optional read interval (present iff its unit streams), as long as reading
     the bytes its load reads (`CostModel.read_bytes`: less than the slot for int8 and gather units),
-    that ends before its compute starts and starts no earlier than a period before that (the runtime reads at most one
-    call ahead); reads share one no-overlap channel (the disk serves one read at a time), in step
-    order, the next call's first read after this call's last;
+    that ends before its compute starts and starts no earlier than a period before that (the runtime
+    reads at most one call ahead); reads share one no-overlap channel (the disk serves one read at a
+    time), in step order, the next call's first read after this call's last;
   - per streamed step, an optional memory interval of its slot bytes from its read's start to its
     compute's end, and per resident unit one over the whole horizon, under a cumulative constraint:
     the arena's bytes in use never exceed the budget;
