@@ -6,15 +6,17 @@ arithmetic is exact and the expected numbers are compared exactly.
 """
 from __future__ import annotations
 
+import json
 import random
 import time
+from dataclasses import replace
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from layerstream.plan import Plan, min_budget, plan_fill
-from layerstream.plan.cost import CostModel, costs_from_record
+from layerstream.plan.cost import CostModel, costs_from_record, with_read_bytes
 from layerstream.plan.greedy import GRID_MAX, GRID_MIN, budget_grid, plan_greedy, plan_greedy_many
 from layerstream.plan.types import make_plan
 from layerstream.plan.simulate import simulate
@@ -84,6 +86,29 @@ def test_greedy_ranks_by_density_not_size():
     assert simulate(prog, sizes, costs, plan_fill(prog, sizes, 5 * P)).latency_s == 4.75
 
 
+def test_greedy_keeps_resident_the_unit_whose_reads_save_more_per_slot_byte():
+    # Three 8-page slots: A (0.25 s of compute) is int8 and reads 2 pages, B (0.5 s) reads its 8, C
+    # (2.0 s) reads its 8; the disk reads 8 pages/s (A 0.25 s, B and C 1.0 s each). Budget 16 pages:
+    # one of A, B resident, the other streams with C through an 8-page ring (both at offset 0).
+    # By slot bytes A is the densest (32 pages/s of compute against B's 16) and greedy keeps A; by
+    # bytes read A is 8 pages/s and B stays resident, which saves 1.0 s of reading for 8 slot pages
+    # where A saves 0.25 s:
+    #   B resident: A issues at C's release (the call's end) and stalls its 0.25 s read; C issues at
+    #     A's release and reads 1.0 s behind B's 0.5 s: stall 0.5. 0.25 + 0.25 + 0.5 + 0.5 + 2.0 = 3.5.
+    #   A resident: B stalls 1.0 - 0.25 = 0.75 behind A; C issues at B's release and stalls all 1.0 s:
+    #     0.25 + 0.75 + 0.5 + 1.0 + 2.0 = 4.5.
+    prog = program((0, 1, 2), 3)
+    sizes = {0: 8 * P, 1: 8 * P, 2: 8 * P}
+    by_slot = CostModel((0.25, 0.5, 2.0), 0.0, read_bps=8 * P, read_lat_s=0.0)
+    costs = with_read_bytes(by_slot, sizes, {0: 2 * P})
+    plan, pred = plan_greedy(prog, sizes, costs, 16 * P)
+    assert plan.resident == ((1, 0),) and plan.ring_bytes == 8 * P and plan.loads == ((0, 0), (2, 0))
+    assert pred.latency_s == 3.5 and pred.stalls_s == (0.25, 0, 0.5)
+    keep_a = make_plan(16 * P, [0], [1, 2], sizes, 8 * P, "greedy")
+    assert simulate(prog, sizes, costs, keep_a).latency_s == 4.5
+    assert plan_greedy(prog, sizes, by_slot, 16 * P)[0].resident_ids == {0}  # what slot bytes chose
+
+
 def test_greedy_keeps_everything_resident_when_the_budget_holds_it():
     # A budget of all 56 pages on a slow disk (1 page/s): streaming anything costs seconds, keeping
     # everything resident costs nothing, 5 x 0.25 = 1.25 s. Greedy's rings start at the largest unit
@@ -132,7 +157,7 @@ def _check_prediction(prog, sizes, costs, plan, pred):
     assert len(pred.stalls_s) == len(prog.steps) and all(s >= 0 for s in pred.stalls_s)
     assert pred.stall_s == pytest.approx(sum(pred.stalls_s))
     assert pred.latency_s >= costs.compute_total_s * (1 - 1e-12)
-    streamed = sum(sizes[u] for u, _ in plan.loads)  # bytes read per call
+    streamed = sum(costs.unit_read_bytes(u, sizes[u]) for u, _ in plan.loads)  # bytes read per call
     bound = max(costs.compute_total_s, streamed / costs.read_bps)
     assert pred.latency_s >= bound * (1 - 1e-9), (pred.latency_s, bound)
 
@@ -237,6 +262,27 @@ def test_budget_grid_is_every_page_for_small_models_and_geometric_for_large():
 # ---- JSON round trips ------------------------------------------------------------------------------
 
 @_fast(30)
+@given(cases(max_units=20))
+def test_read_bytes_equal_to_every_slot_plan_and_predict_as_before(case):
+    prog, sizes, costs, budget = case
+    listed = replace(costs, read_bytes=tuple(sorted(sizes.items())))
+    assert with_read_bytes(costs, sizes, sizes) == costs
+    assert plan_greedy(prog, sizes, listed, budget) == plan_greedy(prog, sizes, costs, budget)
+    fill = plan_fill(prog, sizes, budget)
+    assert simulate(prog, sizes, listed, fill) == simulate(prog, sizes, costs, fill)
+
+
+@_fast(40)
+@given(cases(max_units=20), st.data())
+def test_greedy_with_read_bytes_fits_and_is_bounded_by_the_bytes_read(case, data):
+    prog, sizes, costs, budget = case
+    costs = with_read_bytes(costs, sizes, {u: data.draw(st.integers(0, s)) for u, s in sizes.items()})
+    plan, pred = plan_greedy(prog, sizes, costs, budget)
+    assert plan.arena_bytes <= budget and pred.peak_bytes <= plan.arena_bytes
+    _check_prediction(prog, sizes, costs, plan, pred)
+
+
+@_fast(30)
 @given(cases())
 def test_plans_round_trip_through_json(case):
     prog, sizes, costs, budget = case
@@ -250,12 +296,38 @@ finite = st.floats(0.0, 1e6, allow_nan=False, allow_infinity=False)
 
 
 @_fast(100)
-@given(st.lists(finite, max_size=50), finite, st.floats(1.0, 1e12), finite)
-def test_cost_model_round_trips_through_json(compute, pre, bps, lat):
-    costs = CostModel(tuple(compute), pre, bps, lat)
+@given(st.lists(finite, max_size=50), finite, st.floats(1.0, 1e12), finite,
+       st.dictionaries(st.integers(0, 10**4), st.integers(0, 2**40), max_size=8))
+def test_cost_model_round_trips_through_json(compute, pre, bps, lat, reads):
+    costs = CostModel(tuple(compute), pre, bps, lat, read_bytes=tuple(sorted(reads.items())))
     back = CostModel.from_json(costs.to_json())
     assert back == costs and isinstance(back.compute_s, tuple)
+    assert all(isinstance(x, tuple) for x in back.read_bytes)
     assert back.read_s(4096) == costs.read_s(4096) and back.compute_total_s == costs.compute_total_s
+    for u, n in reads.items():
+        assert back.unit_read_bytes(u, 4096) == n and back.load_s(u, 4096) == costs.read_s(n)
+    assert back.unit_read_bytes(10**4 + 1, 4096) == 4096  # not listed: reads its slot
+
+
+def test_cost_model_json_from_before_read_bytes_loads():
+    old = json.dumps({"compute_s": [0.5, 0.25], "pre_s": 0.125, "read_bps": 1e9, "read_lat_s": 1e-4,
+                      "read_tax_s_per_byte": 2e-10})
+    costs = CostModel.from_json(old)
+    assert costs == CostModel((0.5, 0.25), 0.125, 1e9, 1e-4, 2e-10) and costs.read_bytes == ()
+    assert costs.read_sizes({0: P, 1: 2 * P}) == {0: P, 1: 2 * P}
+
+
+def test_with_read_bytes_drops_slot_sized_entries_and_refuses_nonsense():
+    costs = CostModel((0.5,), 0.0, read_bps=1e9)
+    sizes = {0: 4 * P, 1: 512 * P, 2: P}
+    listed = with_read_bytes(costs, sizes, {2: 2 * P, 1: 3000, 0: 4 * P})
+    assert listed.read_bytes == ((1, 3000), (2, 2 * P))  # sorted; unit 0 reads its slot: dropped
+    assert listed.read_sizes(sizes) == {0: 4 * P, 1: 3000, 2: 2 * P}  # a gather unit may read past its slot
+    assert with_read_bytes(listed, sizes, {}) == costs  # replaces, never merges
+    with pytest.raises(ValueError, match="unit 7"):
+        with_read_bytes(costs, sizes, {7: P})
+    with pytest.raises(ValueError, match="bytes >= 0"):
+        with_read_bytes(costs, sizes, {0: -1})
 
 
 # ---- costs_from_record -----------------------------------------------------------------------------
@@ -338,3 +410,14 @@ def test_describe_names_resident_units_ring_and_waits():
                     greedy_s=7.0)
     assert "resident: 0 unit(s), 0 B" in text and "compute waits for reads at 1 step(s): u0 +500.00 ms" in text
     assert "CP-SAT optimal: lower bound 7000.00 ms (this plan is within 6.7% of it); greedy 7000.00 ms" in text
+
+
+def test_describe_says_the_bytes_read_not_the_slots():
+    # The sparse units u0, u1, u2 stream; say u0 is int8 (2 of its 8 pages read): 8 + 8 + 2 = 18 pages
+    # (72 KiB) are read per call, though the ring still holds slots.
+    from layerstream.plan.describe import describe
+    costs = with_read_bytes(SPARSE_DENSE_COSTS, SPARSE_DENSE_SIZES, {0: 2 * P})
+    plan, pred = plan_greedy(SPARSE_DENSE, SPARSE_DENSE_SIZES, costs, 48 * P)
+    assert plan.loads == ((0, 0), (1, 8 * P), (2, 0))
+    text = describe(SPARSE_DENSE, SPARSE_DENSE_SIZES, costs, plan, pred)
+    assert "ring: 64.0 KiB for 3 load(s) per call of 3 unit(s), 72.0 KiB read per call: u0, u1, u2" in text

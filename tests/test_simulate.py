@@ -5,10 +5,12 @@ the expected numbers are compared exactly.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 from test_planner import P, program
 
-from layerstream.plan.cost import CostModel
-from layerstream.plan.simulate import simulate
+from layerstream.plan.cost import CostModel, with_read_bytes
+from layerstream.plan.simulate import simulate, timeline
 from layerstream.plan import Plan, plan_fill
 
 
@@ -91,3 +93,53 @@ def test_reads_hidden_behind_compute_cost_nothing_when_warm():
     assert warm.latency_s == 2.0 == costs.compute_total_s
     cold = simulate(prog, sizes, costs, plan, calls=1)
     assert cold.latency_s == 2.25 and cold.stalls_s == (0.25, 0.0)
+
+
+# ---- loads that read less than their slot (int8 and gather units) ------------------------------------
+
+def test_a_load_is_timed_by_the_bytes_it_reads_and_holds_its_slot():
+    # test_one_streamed_unit's program, but s's 10-page slot is filled from 4 pages of file (an int8
+    # unit): its read is 0.5 s latency + 4 pages / (8 pages/s) = 1.0 s, not 0.5 + 10 / 8 = 1.75 s.
+    #   warm: s issues at its own release in the previous call; r2 + pre + r0 = 1.25 s of compute
+    #       hides the 1.0 s read: no stall, latency 0.25 + 0.5 + 1.0 + 0.5 = 2.25 (by slot: the 1.75 s
+    #       read stalls 0.5 -> 2.75).
+    #   cold call: s read 0 -> 1.0, needed at 0.75: stall 0.25, latency 2.5.
+    # Memory is still its slot's: two resident pages + the 10-page load.
+    prog = program((0, 1, 2), 3)
+    sizes = {0: P, 1: 10 * P, 2: P}
+    by_slot = CostModel((0.5, 1.0, 0.5), 0.25, read_bps=8 * P, read_lat_s=0.5)
+    costs = with_read_bytes(by_slot, sizes, {1: 4 * P})
+    assert costs.read_bytes == ((1, 4 * P),) and costs.load_s(1, 10 * P) == 1.0 and costs.load_s(0, P) == 0.625
+    plan = Plan(12 * P, ((0, 0), (2, P)), 2 * P, 10 * P, ((1, 0),))
+    warm = simulate(prog, sizes, costs, plan)
+    assert (warm.latency_s, warm.stall_s, warm.stalls_s, warm.peak_bytes) == (2.25, 0.0, (0, 0, 0), 12 * P)
+    cold = simulate(prog, sizes, costs, plan, calls=1)
+    assert (cold.latency_s, cold.stalls_s) == (2.5, (0, 0.25, 0))
+    assert simulate(prog, sizes, by_slot, plan).latency_s == 2.75
+    assert timeline(prog, sizes, costs, plan).load_bytes == (10 * P,) * 3  # what each load holds
+
+
+def test_read_tax_is_charged_per_byte_read_not_per_slot_byte():
+    # Compute 0.5 + 1.0 + 0.5 = 2.0 s, no pre; s reads 4 pages of its 10-page slot per call and each
+    # byte read costs 2^-15 s of compute (0.125 s a page): 0.5 s more over 2.0 s, compute x 1.25 ->
+    # 0.625, 1.25, 0.625. The 1.0 s read hides behind r2 + r0 (1.25 s): latency 2.5 = 2.0 x 1.25 (by
+    # slot the tax would be 1.25 s: x 1.625).
+    prog = program((0, 1, 2), 3)
+    sizes = {0: P, 1: 10 * P, 2: P}
+    costs = with_read_bytes(CostModel((0.5, 1.0, 0.5), 0.0, read_bps=8 * P, read_lat_s=0.5,
+                                      read_tax_s_per_byte=0.125 / P), sizes, {1: 4 * P})
+    plan = Plan(12 * P, ((0, 0), (2, P)), 2 * P, 10 * P, ((1, 0),))
+    warm = simulate(prog, sizes, costs, plan)
+    assert warm.latency_s == 2.5 and warm.stall_s == 0.0
+    assert warm.latency_s == costs.compute_total_s * costs.compute_scale(4 * P)
+
+
+def test_read_bytes_equal_to_the_slots_predict_as_before():
+    # Listed or not, a unit that reads its slot is charged the same: every prediction is unchanged.
+    prog = program((0, 1), 2)
+    sizes = {0: 10 * P, 1: 10 * P}
+    costs = CostModel((1.0, 1.0), 0.0, read_bps=10 * P, read_lat_s=0.5, read_tax_s_per_byte=1e-9)
+    assert with_read_bytes(costs, sizes, sizes) == costs  # entries equal to the slot are dropped
+    listed = replace(costs, read_bytes=((0, 10 * P), (1, 10 * P)))
+    for plan in (plan_fill(prog, sizes, 10 * P), Plan(20 * P, (), 0, 20 * P, ((0, 0), (1, 10 * P)))):
+        assert simulate(prog, sizes, listed, plan) == simulate(prog, sizes, costs, plan)

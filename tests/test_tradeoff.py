@@ -6,7 +6,8 @@ import json
 import pytest
 
 from layerstream import cli
-from layerstream.plan.cost import CostModel
+from layerstream.plan.cost import CostModel, with_read_bytes
+from layerstream.plan.greedy import plan_greedy_many
 from layerstream.plan.tradeoff import KNEE, sweep
 from layerstream.plan.types import min_budget
 from layerstream.units import Program, Unit
@@ -45,6 +46,22 @@ def test_tradeoff_command_writes_table_json_and_png(tmp_path, capsys, monkeypatc
     d = json.loads(out_json.read_text())
     assert len(d["points"]) >= 4 and d["points"][-1]["streamed_bytes"] == 0
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_sweep_counts_the_bytes_read_and_bounds_by_them():
+    # The dense units 6 and 7 are int8: 2 of their 8 slot pages are read. Every point's streamed
+    # bytes are the bytes its loads read, its bound never exceeds its prediction, and the slots
+    # (memory) are unchanged: the whole model is still every slot's bytes.
+    program, sizes, costs = _program()
+    costs = with_read_bytes(costs, sizes, {6: 2 * PAGE, 7: 2 * PAGE})
+    f = sweep(program, sizes, costs, steps=6)
+    assert f.weight_bytes == sum(sizes.values()) and f.points[0].budget_bytes == min_budget(program, sizes)[0]
+    plans = plan_greedy_many(program, sizes, costs, [p.budget_bytes for p in f.points])
+    for p, (plan, _) in zip(f.points, plans):
+        assert p.streamed_bytes == sum(2 * PAGE if u >= 6 else sizes[u] for u, _ in plan.loads)
+        assert p.bound_ms <= p.predicted_ms * (1 + 1e-9)
+    read = sum(2 * PAGE if u >= 6 else sizes[u] for u in program.steps)
+    assert f.points[0].streamed_bytes == read  # the minimum budget streams every unit
 
 
 def test_read_tax_is_the_compute_that_reading_cost():

@@ -21,7 +21,9 @@ def calibrate_read_bps(program: Program, sizes: dict[int, int], costs: CostModel
     """`costs` with the read speed at which simulating `plan` for one call (no warm-up) takes `measured_s`.
 
     Only ever lowers the speed: a call faster than predicted says compute overlapped better than the
-    model knows, not that the disk is faster than probed.
+    model knows, not that the disk is faster than probed. `costs` must already say what each unit
+    reads (`with_read_bytes`): the timed call read those bytes, not the slots, and a speed fitted to
+    slot bytes would be too fast by their ratio.
     """
     def predicted(bps: float) -> float:
         return simulate(program, sizes, replace(costs, read_bps=bps), plan, calls=1).latency_s

@@ -4,11 +4,19 @@ Compute times come from a real call: the executor records when each root's pre-f
 and when its weights were ready. A step's compute is the time from its weights being ready to the
 next step starting, so waits for reads are never counted as compute. Read cost is latency plus bytes
 over bandwidth, measured on the same file with the same reader.
+
+A unit's read is not always its slot: an int8 unit's slot holds the expanded float weights while the
+disk gives about a quarter of that, and a gather unit's planned load reads nothing ahead (its slot is
+scratch for the rows its forward reads on demand, resident or not, so they are timed as that step's
+compute). Memory is charged in slot bytes (the planners' `sizes`); time, the read tax and the bytes
+"streamed" per call are charged in the bytes read, which `read_bytes` lists where they differ.
 """
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, replace
+from functools import cached_property
 
 from ..units import Program
 
@@ -22,18 +30,37 @@ class CostModel:
     # Compute slowed per byte read meanwhile. On the 2-vCPU development VM a block-I/O completion
     # stalls one of torch's two threads and the other waits: 0.4-0.7 ms per MB (see README).
     read_tax_s_per_byte: float = 0.0
+    # (unit id, bytes one load of it reads), sorted, for units whose read is not their slot: int8 units
+    # and gather units (UnitLayout.read_nbytes: their extents; none for a gather unit). Others: the slot.
+    read_bytes: tuple[tuple[int, int], ...] = ()
 
     def read_s(self, nbytes: int) -> float:
         return self.read_lat_s + nbytes / self.read_bps
+
+    @cached_property
+    def _read_of(self) -> dict[int, int]:  # read_bytes as a dict (cached: planners ask per load)
+        return dict(self.read_bytes)
+
+    def unit_read_bytes(self, uid: int, slot_nbytes: int) -> int:
+        """Bytes one load of unit `uid` reads from the file: its slot's `slot_nbytes` unless listed."""
+        return self._read_of.get(uid, slot_nbytes)
+
+    def load_s(self, uid: int, slot_nbytes: int) -> float:
+        """How long the disk takes to read one load of unit `uid` (slot `slot_nbytes`)."""
+        return self.read_s(self._read_of.get(uid, slot_nbytes))
+
+    def read_sizes(self, sizes: Mapping[int, int]) -> dict[int, int]:
+        """Unit id -> bytes one load reads, for every unit of `sizes` (unit id -> slot bytes)."""
+        return {u: self._read_of.get(u, s) for u, s in sizes.items()}
 
     @property
     def compute_total_s(self) -> float:
         return self.pre_s + sum(self.compute_s)
 
-    def compute_scale(self, streamed_bytes: int) -> float:
-        """How much slower compute runs while `streamed_bytes` are read per call."""
+    def compute_scale(self, read_nbytes: int) -> float:
+        """How much slower compute runs while `read_nbytes` are read per call (bytes read, not slots)."""
         total = self.compute_total_s
-        return 1.0 + (self.read_tax_s_per_byte * streamed_bytes / total if total > 0 else 0.0)
+        return 1.0 + (self.read_tax_s_per_byte * read_nbytes / total if total > 0 else 0.0)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -41,12 +68,28 @@ class CostModel:
     @classmethod
     def from_json(cls, text: str) -> "CostModel":
         d = json.loads(text)
-        return cls(tuple(d["compute_s"]), d["pre_s"], d["read_bps"], d["read_lat_s"], d.get("read_tax_s_per_byte", 0.0))
+        return cls(tuple(d["compute_s"]), d["pre_s"], d["read_bps"], d["read_lat_s"], d.get("read_tax_s_per_byte", 0.0),
+                   tuple((int(u), int(n)) for u, n in d.get("read_bytes", ())))  # (absent before read bytes were)
+
+
+def with_read_bytes(costs: CostModel, sizes: Mapping[int, int], read_nbytes: Mapping[int, int]) -> CostModel:
+    """`costs` charging unit u's loads `read_nbytes[u]` bytes of reading (its slot `sizes[u]` still in memory).
+
+    Entries equal to the slot are dropped (that is the default), so a model whose every unit reads its
+    slot keeps `read_bytes == ()` and plans exactly as before. Replaces any read bytes `costs` had.
+    """
+    for u, n in read_nbytes.items():
+        if n < 0 or u not in sizes:
+            raise ValueError(f"read bytes {n} for unit {u}: give a unit of `sizes` and a count of bytes >= 0")
+    return replace(costs, read_bytes=tuple(sorted((u, int(n)) for u, n in read_nbytes.items() if n != sizes[u])))
 
 
 def with_read_tax(overlapped: CostModel, pure: CostModel, bytes_read: int) -> CostModel:
-    """`pure`'s compute times, plus the tax per byte that `overlapped` paid while reading `bytes_read`."""
-    from dataclasses import replace
+    """`pure`'s compute times, plus the tax per byte that `overlapped` paid while reading `bytes_read`.
+
+    `bytes_read`: what the disk gave in the overlapped call (read bytes, not slot bytes: the tax is
+    charged per byte read).
+    """
     extra = overlapped.compute_total_s - pure.compute_total_s
     tax = max(0.0, extra / bytes_read) if bytes_read else 0.0
     return replace(pure, read_bps=overlapped.read_bps, read_tax_s_per_byte=tax)

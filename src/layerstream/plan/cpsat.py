@@ -4,13 +4,14 @@ The model (OR-Tools CP-SAT; times in integer quanta of the call's serial worst c
   - a Boolean per unit the call uses: resident or streamed (pinned units are always resident);
   - per step, a compute interval of its fixed length, one after another, the call's period T after
     the last;
-  - per streamed step, an optional read interval (present iff its unit streams) that ends before its
-    compute starts and starts no earlier than a period before that (the runtime reads at most one
-    call ahead); reads share one no-overlap channel (the disk serves one read at a time), in step
-    order, the next call's first read after this call's last;
-  - per streamed step, an optional memory interval from its read's start to its compute's end, and
-    per resident unit one over the whole horizon, under a cumulative constraint: the arena's bytes
-    in use never exceed the budget;
+  - per streamed step, an optional read interval (present iff its unit streams), as long as reading
+    the bytes its load reads (`CostModel.read_bytes`: less than the slot for int8 and gather units),
+    that ends before its compute starts and starts no earlier than a period before that (the runtime
+    reads at most one call ahead); reads share one no-overlap channel (the disk serves one read at a
+    time), in step order, the next call's first read after this call's last;
+  - per streamed step, an optional memory interval of its slot bytes from its read's start to its
+    compute's end, and per resident unit one over the whole horizon, under a cumulative constraint:
+    the arena's bytes in use never exceed the budget;
   - every read and memory interval also shifted by T, so the next call's loads that start during
     this call's tail (as they do in steady state) count against this call's disk time and memory;
   - objective: minimise T, the period of the steady state of repeated calls (a warm call's latency).
@@ -111,7 +112,9 @@ class _Model:
                 m.add(self.c[i] >= self.c[i - 1] + self.dur[i - 1])
             m.add(self.T >= self.c[-1] + self.dur[-1])
         # All compute, and the read tax charged to the call as a whole (a valid bound: see the module doc).
-        tax = {u: quanta(costs.read_tax_s_per_byte * sizes[u]) for u in self.units}
+        # Reads are timed and taxed by the bytes a load reads; memory is held in slot bytes (`sizes`).
+        self.read = read = {u: costs.unit_read_bytes(u, sizes[u]) for u in self.units}
+        tax = {u: quanta(costs.read_tax_s_per_byte * read[u]) for u in self.units}
         m.add(self.T >= quanta(costs.compute_total_s) + sum(tax[u] * (1 - self.res[u]) for u in steps if u in self.res))
         self.r: dict[int, object] = {}  # step -> read start (this call's frame; negative: the previous call)
         self.rd: dict[int, int] = {}
@@ -123,7 +126,7 @@ class _Model:
         for i in streamed_steps:
             u = steps[i]
             on = self.res[u].Not()
-            rd = self.rd[i] = shortened(costs.read_s(sizes[u]))
+            rd = self.rd[i] = shortened(costs.read_s(read[u]))
             r = self.r[i] = m.new_int_var(-H, H, f"r{i}")
             r2 = m.new_int_var(-H, 2 * H, f"r{i}+T")  # the next call's read of this step
             m.add(r2 == r + self.T)
@@ -159,7 +162,7 @@ class _Model:
             m.add(resident_bytes + sizes[u] * (1 - self.res[u]) <= cap)
         self._add_windows(program, sizes, costs, cap, quanta)
         # Redundant, for the bound: the disk reads every streamed step within one period.
-        m.add(self.T >= sum(quanta(costs.read_s(sizes[steps[i]])) * (1 - self.res[steps[i]]) for i in streamed_steps))
+        m.add(self.T >= sum(quanta(costs.read_s(read[steps[i]])) * (1 - self.res[steps[i]]) for i in streamed_steps))
         m.minimize(self.T)
 
     def _add_windows(self, program: Program, sizes: dict[int, int], costs: CostModel, cap: int, quanta) -> None:
@@ -167,19 +170,28 @@ class _Model:
 
         Between the starts of steps a and b the disk reads every streamed load of steps a+1..b but those
         whose read began before step a started; those were all held at that moment beside step a's own
-        load, so their bytes fit the ring (the budget less the resident bytes less step a's load), and
-        the time they saved is at most their bytes over the read speed plus one read latency each.
-        Terms are rounded so that every real schedule still satisfies the integer cut.
+        load, so their slot bytes fit the ring (the budget less the resident slots less step a's), and
+        the time they saved is at most the bytes they read over the read speed plus one read latency
+        each. A load reads at most `ratio` times its slot (the most any unit reads per slot byte: 1 when
+        every unit reads its slot, about 1/4 when all are int8), so the bytes they read are at most
+        `ratio` times the ring's: the slot terms below are scaled by it. Terms are rounded so that every
+        real schedule still satisfies the integer cut.
         """
         m, steps, q = self.m, program.steps, self.q
         if not self.streamed_steps:
             return
         import math
-        w = {u: int(sizes[u] / (costs.read_bps * q)) for u in self.units}  # a unit's bytes, in read quanta
+        if any(self.read[u] and not sizes[u] for u in self.units):
+            return  # a read with no slot: no ratio bounds it, so no window cut is sure to hold
+        ratio = max((self.read[u] / sizes[u] for u in self.units if sizes[u]), default=1.0)
+        if ratio != 1.0:
+            ratio *= 1 + 1e-9  # so that float rounding never puts a unit's read above ratio x its slot
+        # a unit's slot bytes x ratio, in read quanta (rounded down, with `held`: a smaller right side)
+        w = {u: int(ratio * sizes[u] / (costs.read_bps * q)) for u in self.units}
         held = m.new_int_var(0, sum(w.values()), "resident_read_quanta")
         m.add(held == sum(w[u] * self.res[u] for u in self.units))
-        ring = math.ceil(cap / (costs.read_bps * q))  # the whole budget's bytes, in read quanta, rounded up
-        full = {i: quanta(costs.read_s(sizes[steps[i]])) for i in self.streamed_steps}
+        ring = math.ceil(ratio * cap / (costs.read_bps * q))  # the whole budget's, in read quanta, rounded up
+        full = {i: quanta(costs.read_s(self.read[steps[i]])) for i in self.streamed_steps}
         if len(steps) > WINDOW_STEPS:
             return
         for a in range(len(steps)):

@@ -24,7 +24,7 @@ def describe(program: Program, sizes: dict[int, int], costs: CostModel, plan: Pl
     """Lines a user reads to judge a plan; `bound_s`, `status`, `greedy_s` come from the CP-SAT planner."""
     pinned = [u for u, _ in plan.resident if program.units[u].pinned]
     chosen = [u for u, _ in plan.resident if not program.units[u].pinned]
-    streamed = sum(sizes[u] for u, _ in plan.loads)
+    streamed = sum(costs.unit_read_bytes(u, sizes[u]) for u, _ in plan.loads)  # bytes read, not slots
     distinct = sorted({u for u, _ in plan.loads})
     lines = [f"plan ({plan.planner}): budget {fmt_bytes(plan.budget_bytes)}, arena {fmt_bytes(plan.arena_bytes)}, "
              f"predicted peak {fmt_bytes(pred.peak_bytes)}"]

@@ -1,7 +1,7 @@
 """The default planner once costs are known: pick the ring size and the resident set by simulation.
 
 A streamed byte costs disk time; it is free when compute around it is long enough to hide it. So the
-units worth keeping resident are the *dense* ones, many bytes for little compute (ResNet's last stage,
+units worth keeping resident are the *dense* ones, many bytes read for little compute (ResNet's last stage,
 an LM head), and the ring only needs to be big enough to read ahead across the sparse stretches. For
 a handful of ring sizes (multiples of the largest streamed unit, up to the whole budget), the rest of
 the budget is filled with the densest units first; each candidate is simulated and the fastest wins.
@@ -37,13 +37,18 @@ GRID_STEP_SIMS = 150_000  # steps simulated (3 calls each) walking the whole gri
 
 
 def _density(program: Program, sizes: dict[int, int], costs: CostModel) -> dict[int, float]:
-    """Bytes per second of compute that a unit's reads must hide behind, summed over its steps."""
+    """Bytes read per second of compute that a unit's reads must hide behind, summed over its steps.
+
+    Bytes *read*, not slot bytes: the read time is what keeping a unit resident saves, and its slot is
+    what that costs the budget, so an int8 unit that reads a quarter of its slot ranks as a quarter as
+    dense as a float unit of the same slot and compute. A unit that reads its slot ranks as before.
+    """
     comp: dict[int, float] = {}
     loads: dict[int, int] = {}
     for i, u in enumerate(program.steps):
         comp[u] = comp.get(u, 0.0) + costs.compute_s[i]
         loads[u] = loads.get(u, 0) + 1
-    return {u: sizes[u] * loads[u] / max(comp[u], 1e-6) for u in comp}
+    return {u: costs.unit_read_bytes(u, sizes[u]) * loads[u] / max(comp[u], 1e-6) for u in comp}
 
 
 def _build(program: Program, sizes: dict[int, int], budget: int, ring: int, order: list[int],

@@ -3,9 +3,10 @@
 It follows the executor's rules exactly: planned loads are issued in order, each as soon as every
 earlier load that occupied its ring bytes has been released, and at most one call ahead; the disk
 serves loads one after another (reads in flight share its bandwidth, so FIFO service gives the same
-finish times for the queue as a whole); compute of a step waits for its load; a step's unit is
-released when its compute ends. Calls run back to back, so the next call's first loads read during
-this call's tail, as in the runtime.
+finish times for the queue as a whole), each for the time of the bytes it reads (less than its slot
+for int8 and gather units: `CostModel.read_bytes`) while it holds its whole slot in the ring; compute
+of a step waits for its load; a step's unit is released when its compute ends. Calls run back to
+back, so the next call's first loads read during this call's tail, as in the runtime.
 
 Planners call it hundreds of times per plan, so it is linear in the loads: releases happen in load
 order, so of the earlier loads sharing a load's ring bytes only the nearest one can be the last to
@@ -44,7 +45,7 @@ class Timeline:
     issued_s: tuple[float, ...]  # per absolute load: ring bytes free, read may start
     read_start_s: tuple[float, ...]  # per absolute load: the disk starts it
     released_s: tuple[float, ...]  # per absolute load: its step's compute ended
-    load_bytes: tuple[int, ...]  # per absolute load
+    load_bytes: tuple[int, ...]  # per absolute load: the slot bytes it holds
 
 
 def _nearest_sharer(offs: list[int], lsize: list[int], ring: int) -> list[int]:
@@ -93,10 +94,11 @@ def _run(program: Program, sizes: dict[int, int], costs: CostModel, plan: Plan, 
     resident = plan.resident_ids
     n_load = len(plan.loads)
     offs = [off for _, off in plan.loads]
-    lsize = [sizes[u] for u, _ in plan.loads]
-    read_s = [costs.read_s(s) for s in lsize]
+    lsize = [sizes[u] for u, _ in plan.loads]  # slot bytes: what a load holds in the ring
+    rsize = [costs.unit_read_bytes(u, s) for (u, _), s in zip(plan.loads, lsize)]  # what it reads: maybe less
+    read_s = [costs.read_s(b) for b in rsize]
     sharer = _nearest_sharer(offs, lsize, plan.ring_bytes) if n_load else []
-    scale = costs.compute_scale(sum(lsize))  # compute slowed by the bytes this plan reads per call
+    scale = costs.compute_scale(sum(rsize))  # compute slowed by the bytes this plan reads per call
     work = [(uid in resident, c * scale) for uid, c in zip(program.steps, costs.compute_s)]
     pre = costs.pre_s * scale
     released: list[float] = []  # per absolute load index

@@ -21,7 +21,7 @@ class Point:
     arena_bytes: int
     predicted_ms: float
     bound_ms: float  # max(compute, streamed bytes / read speed) + the first load's read
-    streamed_bytes: int  # per call
+    streamed_bytes: int  # read from the file per call (int8 and gather units read less than their slots)
     planner: str
     measured_ms: float | None = None
 
@@ -49,8 +49,8 @@ def sweep(program: Program, sizes: dict[int, int], costs: CostModel, steps: int 
     # One walk up greedy's budget grid answers every budget (greedy is monotone in the budget, so the
     # frontier never rises).
     for b, (plan, pred) in zip(budgets, plan_greedy_many(program, sizes, costs, budgets)):
-        streamed = sum(sizes[u] for u, _ in plan.loads)
-        first = costs.read_s(sizes[plan.loads[0][0]]) if plan.loads else 0.0
+        streamed = sum(costs.unit_read_bytes(u, sizes[u]) for u, _ in plan.loads)
+        first = costs.load_s(plan.loads[0][0], sizes[plan.loads[0][0]]) if plan.loads else 0.0
         bound = max(compute_s, streamed / costs.read_bps) + first
         points.append(Point(b, plan.arena_bytes, pred.latency_s * 1e3, bound * 1e3, streamed, plan.planner))
     knee = next((p.budget_bytes for p in points if p.predicted_ms <= KNEE * compute_s * 1e3), None)
