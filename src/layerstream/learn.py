@@ -28,7 +28,7 @@ from .checkpoint import shard_paths
 from .measure import disk_read_bps
 from .plan import plan_fill
 from .plan.calibrate import calibrate_read_bps
-from .plan.cost import CostModel, costs_from_record, with_read_tax
+from .plan.cost import CostModel, costs_from_record, with_read_bytes, with_read_tax
 from .plan.greedy import plan_greedy
 from .plan.simulate import simulate
 from .profile import (CACHE_VERSION, Profile, device_signature, program_digest, read_cached, weight_identity,
@@ -90,8 +90,12 @@ def after_call(sm, ex, key: tuple) -> None:
     pure = costs_from_record(sm.cap.program, sm.cap.root_units, ex.recorded, *ex.t_call, bps)
     if pure is None:
         return  # this call took another order (data-dependent control flow): keep the fill plan
-    streamed = sum(sm.sizes[u] for u, _ in sm.plan.loads)
-    costs = with_read_tax(sm._overlapped, pure, streamed)
+    # What one load of each unit reads: an int8 unit its stored bytes (about a quarter of its slot), a
+    # gather unit nothing ahead (its rows are read inside its forward, resident or not, so they are in
+    # that step's measured compute). Read times, the tax and the calibration all use these bytes.
+    reads = {u: lay.read_nbytes for u, lay in sm.layouts.items()}
+    streamed = sum(reads[u] for u, _ in sm.plan.loads)  # the tax is per byte read
+    costs = with_read_bytes(with_read_tax(sm._overlapped, pure, streamed), sm.sizes, reads)
     costs = calibrate_read_bps(sm.cap.program, sm.sizes, costs, sm.plan, sm._overlapped_s)
     _to_cache(sm, key, costs)
     adopt(sm, costs)
