@@ -7,7 +7,7 @@ import pytest
 
 from layerstream import cli
 from layerstream.plan.cost import CostModel, with_read_bytes
-from layerstream.plan.greedy import plan_greedy_many
+from layerstream.plan.greedy import plan_greedy, plan_greedy_many
 from layerstream.plan.tradeoff import KNEE, sweep
 from layerstream.plan.types import min_budget
 from layerstream.units import Program, Unit
@@ -185,3 +185,30 @@ def test_stream_carries_out_a_plan_file_exactly(tmp_path, monkeypatch):
         assert sm.report().demand_misses == 0  # the plan's units are the ones the calls ask for
     with pytest.raises(ls.PlanError, match="16384"):
         ls.stream(zoo.build_on_meta(spec.build), weights, budget="30%", plan=str(out), max_unit=32768)
+
+
+def test_the_knee_is_found_between_the_sweeps_budgets():
+    """Bisection puts the knee within 0.5% of the smallest budget greedy predicts within KNEE x compute."""
+    program, sizes, costs = _program()
+    coarse = sweep(program, sizes, costs, steps=3)
+    knee = next(p for p in coarse.points if p.budget_bytes == coarse.knee_bytes)
+    assert knee.predicted_ms <= KNEE * coarse.compute_ms
+    below = coarse.points[coarse.points.index(knee) - 1]
+    assert below.predicted_ms > KNEE * coarse.compute_ms
+    step = max(4096, knee.budget_bytes // 200)
+    _, pred = plan_greedy(program, sizes, costs, knee.budget_bytes - step)
+    assert pred.latency_s > KNEE * costs.compute_total_s  # a step less is no longer within
+    fine = sweep(program, sizes, costs, steps=12)
+    assert abs(fine.knee_bytes - coarse.knee_bytes) <= step  # the same knee, whatever the grid
+
+
+def test_tradeoff_measure_runs_every_point_and_eager_in_fresh_processes(tmp_path, capsys):
+    out_json = tmp_path / "f.json"
+    assert cli.main(["tradeoff", "zoo:tiny-bert", "--steps", "3", "--measure", "--repeat", "1",
+                     "--json", str(out_json)]) == 0
+    table = capsys.readouterr().out
+    d = json.loads(out_json.read_text())
+    assert d["eager_ms"] > 0 and all(p["measured_ms"] > 0 for p in d["points"])
+    assert "eager measured" in table
+    if d["knee_bytes"]:
+        assert "(knee)" in table and "x eager" in table

@@ -119,19 +119,26 @@ def cmd_tradeoff(a) -> int:
         from .bench import spawn
         points = []
         with tempfile.TemporaryDirectory(prefix="layerstream-tradeoff-") as tmp:
+            _log("measuring eager (every weight loaded, warm) ...")
+            eager = spawn({"system": "eager", "mode": "warm", "model": a.model, "weights": str(weights),
+                           "repeat": a.repeat, "device": a.device, "out": f"{tmp}/eager.safetensors"})
             for i, p in enumerate(frontier.points):
                 _log(f"[{i + 1}/{len(frontier.points)}] measuring at {fmt_bytes(p.budget_bytes)} ...")
                 r = spawn({"system": "layerstream", "budget": p.budget_bytes, "model": a.model, "weights": str(weights),
                            "repeat": a.repeat, "device": a.device, "max_unit": max_unit, "out": f"{tmp}/o{i}.safetensors"})
                 points.append(replace(p, measured_ms=r["latency_ms"]))
-        frontier = replace(frontier, points=tuple(points))
-    print(f"\n{a.model}: compute {frontier.compute_ms:.1f} ms with every weight resident; read speed "
-          f"{frontier.read_bps / 1e9:.2f} GB/s (calibrated); knee (predicted <= 1.05x compute): "
-          + (fmt_bytes(frontier.knee_bytes) if frontier.knee_bytes else "none below the whole model") + "\n")
+        frontier = replace(frontier, points=tuple(points), eager_ms=eager["latency_ms"])
+    knee = next((p for p in frontier.points if p.budget_bytes == frontier.knee_bytes), None)
+    print(f"\n{a.model}: compute {frontier.compute_ms:.1f} ms with every weight resident"
+          + (f" (eager measured {frontier.eager_ms:.1f} ms)" if frontier.eager_ms else "")
+          + f"; read speed {frontier.read_bps / 1e9:.2f} GB/s (calibrated); knee (predicted <= 1.05x compute): "
+          + (fmt_bytes(knee.budget_bytes) if knee else "none")
+          + (f", measured {knee.measured_ms / frontier.eager_ms:.2f}x eager"
+             if knee and knee.measured_ms and frontier.eager_ms else "") + "\n")
     print("| budget | share | predicted ms | measured ms | bound ms | read per call | planner |\n|---|---|---|---|---|---|---|")
     for p in frontier.points:
-        print(f"| {fmt_bytes(p.budget_bytes)} | {p.budget_bytes / frontier.weight_bytes:.0%} | {p.predicted_ms:.1f} | "
-              + (f"{p.measured_ms:.1f}" if p.measured_ms is not None else "–")
+        print(f"| {fmt_bytes(p.budget_bytes)}{' (knee)' if p is knee else ''} | {p.budget_bytes / frontier.weight_bytes:.0%} | "
+              f"{p.predicted_ms:.1f} | " + (f"{p.measured_ms:.1f}" if p.measured_ms is not None else "–")
               + f" | {p.bound_ms:.1f} | {fmt_bytes(p.streamed_bytes)} | {p.planner} |")
     if a.json:
         with open(a.json, "w") as f:

@@ -19,6 +19,8 @@ def plot_frontier(f: Frontier, title: str, path: str) -> None:
     ax.plot(mib, [p.bound_ms for p in f.points], ":", color="gray", label="bound: max(compute, reads) + first read")
     ax.axhline(f.compute_ms, color="green", lw=1, label="all weights resident (compute)")
     ax.axhline(KNEE * f.compute_ms, color="green", lw=0.6, ls="--", label=f"{KNEE:.2f} x compute")
+    if f.eager_ms:
+        ax.axhline(f.eager_ms, color="black", lw=0.8, ls="-.", label="eager, measured")
     if f.knee_bytes:
         ax.axvline(f.knee_bytes / 2**20, color="red", lw=1, label=f"knee: {fmt_bytes(f.knee_bytes)}")
     ax.set_xscale("log")

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 
 from ..units import Program
 from .cost import CostModel
-from .greedy import plan_greedy_many
+from .greedy import plan_greedy, plan_greedy_many
 from .types import min_budget
 
 KNEE = 1.05  # "near-zero delay": predicted latency within 5% of pure compute (Demand Layering's point)
@@ -32,26 +32,43 @@ class Frontier:
     compute_ms: float  # every weight resident: the latency to approach
     weight_bytes: int  # slot bytes of every unit a call uses
     read_bps: float
-    knee_bytes: int | None  # smallest budget predicted within KNEE x compute
+    knee_bytes: int | None  # smallest budget predicted within KNEE x compute (a point of its own)
+    eager_ms: float | None = None  # measured: every weight loaded, warm (`tradeoff --measure`)
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
 def sweep(program: Program, sizes: dict[int, int], costs: CostModel, steps: int = 16) -> Frontier:
-    """Plan at `steps` budgets spaced evenly (in log scale) from the minimum to the whole model."""
+    """Plan at `steps` budgets spaced evenly (in log scale) from the minimum to the whole model, plus
+    the knee: the smallest budget predicted within KNEE x compute, found by bisection between them."""
     lo, _ = min_budget(program, sizes)
     used = set(program.steps) | {u.uid for u in program.units if u.pinned}
-    hi = sum(sizes[u] for u in used)
-    budgets = sorted({int(lo * (hi / lo) ** (i / (steps - 1))) for i in range(steps)} | {lo, hi})
+    hi_bytes = sum(sizes[u] for u in used)
+    budgets = sorted({int(lo * (hi_bytes / lo) ** (i / (steps - 1))) for i in range(steps)} | {lo, hi_bytes})
     compute_s = costs.compute_total_s
-    points = []
-    # One walk up greedy's budget grid answers every budget (greedy is monotone in the budget, so the
-    # frontier never rises).
-    for b, (plan, pred) in zip(budgets, plan_greedy_many(program, sizes, costs, budgets)):
+    within = KNEE * compute_s
+
+    def point(b: int, plan, pred) -> Point:
         streamed = sum(costs.unit_read_bytes(u, sizes[u]) for u, _ in plan.loads)
         first = costs.load_s(plan.loads[0][0], sizes[plan.loads[0][0]]) if plan.loads else 0.0
         bound = max(compute_s, streamed / costs.read_bps) + first
-        points.append(Point(b, plan.arena_bytes, pred.latency_s * 1e3, bound * 1e3, streamed, plan.planner))
-    knee = next((p.budget_bytes for p in points if p.predicted_ms <= KNEE * compute_s * 1e3), None)
-    return Frontier(tuple(points), compute_s * 1e3, hi, costs.read_bps, knee)
+        return Point(b, plan.arena_bytes, pred.latency_s * 1e3, bound * 1e3, streamed, plan.planner)
+
+    # One walk up greedy's budget grid answers every budget (greedy is monotone in the budget, so the
+    # frontier never rises).
+    points = [point(b, *ans) for b, ans in zip(budgets, plan_greedy_many(program, sizes, costs, budgets))]
+    k = next((i for i, p in enumerate(points) if p.predicted_ms <= within * 1e3), None)
+    if k:  # the knee lies between two budgets of the sweep: find it (to 0.5%) by bisection, a point of its own
+        slow, fast, best = points[k - 1].budget_bytes, points[k].budget_bytes, None
+        while fast - slow > max(4096, fast // 200):
+            mid = (slow + fast) // 2
+            plan, pred = plan_greedy(program, sizes, costs, mid)
+            if pred.latency_s <= within:
+                fast, best = mid, point(mid, plan, pred)
+            else:
+                slow = mid
+        if best is not None:
+            points.insert(k, best)
+    knee = points[k].budget_bytes if k is not None else None
+    return Frontier(tuple(points), compute_s * 1e3, hi_bytes, costs.read_bps, knee)
