@@ -389,3 +389,27 @@ def test_workload_plans_fit_any_budget_above_the_minimum():
         for m in models:
             loads = [m.sizes[u] for u, _ in plans[m.name].loads]
             assert not loads or max(loads) <= wp.ring_bytes
+
+
+def test_generate_in_a_session_equals_eager_and_keeps_the_budget(saved):
+    """generate() through a session: eager's tokens, the budget kept, one call counted, others still exact."""
+    from layerstream.eager import load_eager
+    g = saved("tiny-gpt2")
+    ref = load_eager(g.model(), g.path)
+    ids = g.inputs[0][:, :8]
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    want = ref.generate(ids, **kw)
+    with make_session(saved) as s:
+        run(s, saved, "tiny-bert")
+        got = s.generate("tiny-gpt2", ids, **kw)
+        assert torch.equal(got, want)
+        assert torch.equal(s._models["tiny-gpt2"].generate(ids, **kw), want)  # the model's own generate()
+        run(s, saved, "tiny-resnet")
+        run(s, saved, "tiny-gpt2")
+        accounted(s)
+        assert s._models["tiny-gpt2"].report().generation.steps == 6
+        assert s.predictor.calls["tiny-gpt2"] == 3  # generate() twice and a run: three calls of the workload
+        rep = s.report()
+        assert rep.arena_peak_bytes <= s.budget_bytes
+        with pytest.raises(KeyError, match="no model named 'nope'"):
+            s.generate("nope", ids)

@@ -74,8 +74,8 @@ class SessionModel(StreamedModel):
             super().close()
 
     def generate(self, *args, **kwargs):
-        raise NotImplementedError("generate() is not served by a Session yet (its decoding steps would need a "
-                                  "turn each); stream the model alone with layerstream.stream() to generate")
+        """The inner model's `generate()`, served by the session as `session.generate` does."""
+        return self._session.generate(self.session_name, *args, **kwargs)
 
     def _start(self, plan) -> None:
         self.plan = plan
@@ -176,6 +176,17 @@ class Session:
 
     def run(self, name: str, *args, **kwargs):
         """Run model `name` on the arguments; waits for its turn; returns its output to this caller."""
+        return self._serve(name, StreamedModel.forward, args, kwargs)
+
+    def generate(self, name: str, *args, **kwargs):
+        """Model `name`'s `generate()` (transformers) in one turn: prefill and every decoding step are
+        streamed calls of that model, one after another, while other callers wait. Each step is a call
+        in the model's figures (`session.report()`, and `report().generation` of the model); the
+        workload's predictor sees one call."""
+        return self._serve(name, StreamedModel.generate, args, kwargs)
+
+    def _serve(self, name: str, fn, args, kwargs):
+        """`fn(model, *args, **kwargs)` for model `name`, in its turn, with the session's counts around it."""
         sm = self._models.get(name)
         if sm is None:
             self._check_open()
@@ -185,7 +196,7 @@ class Session:
             self._before(sm)
             peak0, self.arena.peak_bytes = self.arena.peak_bytes, self.arena.live_bytes  # this call's own peak
             try:
-                return StreamedModel.forward(sm, *args, **kwargs)
+                return fn(sm, *args, **kwargs)
             except BaseException:
                 self.counts["failed"][name] += 1
                 raise
