@@ -85,6 +85,19 @@ def test_cpsat_times_reads_by_the_bytes_read_and_holds_slots():
     assert 4.0 * 0.99 <= bound <= 4.0
 
 
+def test_cpsat_bound_counts_the_read_tax_in_every_step():
+    # test_cpsat_bound_is_tight's two units, with a read tax of 0.05 s per page read: the call reads
+    # 20 pages, so compute runs 1 + 1.0/2.0 = 1.5x slower: read, compute, read, compute is
+    # 2 x (1.5 + 1.5) = 6.0 s. Charging the tax to the call as a whole (T >= 2.0 + 1.0) and the reads
+    # between untaxed computes (5.0) gave a bound of 5.0; taxing each step's compute gives 6.0.
+    prog = program((0, 1), 2)
+    sizes = {0: 10 * P, 1: 10 * P}
+    costs = CostModel((1.0, 1.0), 0.0, read_bps=10 * P, read_lat_s=0.5, read_tax_s_per_byte=0.05 / P)
+    plan, pred, bound, status = plan_cpsat(prog, sizes, costs, 10 * P, time_limit_s=5, workers=1)
+    assert status == "optimal" and abs(pred.latency_s - 6.0) < 1e-9
+    assert 6.0 * 0.99 <= bound <= 6.0 + 1e-9
+
+
 def test_cpsat_stops_at_once_when_greedy_is_pure_compute():
     # The sparse/dense program of test_planner at 48 pages: greedy hides every read (7.0 s, pure
     # compute), which no plan can beat: its plan comes back, proven optimal, without a solve.
@@ -137,7 +150,7 @@ def small_cases(draw):
         steps.insert(min(pos, len(steps)), u)
     compute = draw(st.lists(st.sampled_from([0.0, 1e-4, 5e-4, 2e-3, 1e-2]), min_size=len(steps), max_size=len(steps)))
     costs = CostModel(tuple(compute), draw(st.sampled_from([0.0, 1e-3])), draw(st.sampled_from([1e6, 1e7, 1e8])),
-                      draw(st.sampled_from([0.0, 1e-4])), draw(st.sampled_from([0.0, 1e-10])))
+                      draw(st.sampled_from([0.0, 1e-4])), draw(st.sampled_from([0.0, 1e-10, 2e-8])))
     if draw(st.booleans()):
         reads = {u: draw(st.sampled_from([0, 1, 2, 4, 4, 4, 6])) * sizes[u] // 4 for u in range(n)}
         costs = with_read_bytes(costs, sizes, reads)

@@ -2,8 +2,9 @@
 
 The model (OR-Tools CP-SAT; times in integer quanta of the call's serial worst case / RESOLUTION):
   - a Boolean per unit the call uses: resident or streamed (pinned units are always resident);
-  - per step, a compute interval of its fixed length, one after another, the call's period T after
-    the last;
+  - per step, a compute of its length slowed by the call's read tax (linear in the Booleans: the tax
+    grows with the bytes the streamed units read), one after another, the call's period T after the
+    last;
   - per streamed step, an optional read interval (present iff its unit streams), as long as reading
     the bytes its load reads (`CostModel.read_bytes`: less than the slot for int8 and gather units),
     that ends before its compute starts and starts no earlier than a period before that (the runtime
@@ -20,8 +21,7 @@ What its lower bound means. Every periodic schedule the runtime could follow wit
 a ring is a solution of this model, so the model's optimum is a lower bound on the warm latency of
 *any* plan under the budget, as the simulator predicts it in steady state. It is a relaxation: it
 allows any placement of loaded bytes (the ring's fixed offsets may not fit a schedule the cumulative
-allows), reads may start before their ring bytes are freed in FIFO order, and the read tax is
-only charged to the call as a whole. Durations are rounded down to whole quanta and shortened by one
+allows), and reads may start before their ring bytes are freed in FIFO order. Durations are rounded down to whole quanta and shortened by one
 (so that rounding can never make a real schedule infeasible here), so the bound is low by at most a
 quantum per step. The bound is CP-SAT's proven bound on the model's optimum, so when the solver
 stops at its time limit it is weaker still, and it says nothing about the disk or the device being
@@ -55,6 +55,7 @@ DEFAULT_TIME_LIMIT_S = 10.0
 WINDOW_STEPS = 40  # up to this many steps, a window cut for every pair of steps (beyond: presolve outgrows them)
 NEIGHBOUR_SIMS = 2_000  # simulations at most to try resident sets one unit from the solver's
 WARM_SHARE = 0.2  # of the time limit at most, to turn greedy's plan into the search's first solution
+TAX_SHARE_SCALE = 1_000_000  # a step's share of the call's compute, in millionths (integer coefficients)
 
 
 class SolverError(LayerstreamError, RuntimeError):
@@ -100,22 +101,41 @@ class _Model:
 
         self.T = m.new_int_var(0, H, "T")
         self.res = {u: m.new_bool_var(f"res{u}") for u in self.units}
-        self.dur = [quanta(c) for c in costs.compute_s]
-        self.held_dur = [shortened(c) for c in costs.compute_s]  # a load's bytes are held until its compute ends
-        self.c = [m.new_int_var(0, H, f"c{i}") for i in range(len(steps))]
-        compute_iv = [m.new_fixed_size_interval_var(self.c[i], self.dur[i], f"C{i}") for i in range(len(steps))]
-        m.add_no_overlap(compute_iv)
-        pre = quanta(costs.pre_s)
-        if steps:
-            m.add(self.c[0] >= pre)
-            for i in range(1, len(steps)):
-                m.add(self.c[i] >= self.c[i - 1] + self.dur[i - 1])
-            m.add(self.T >= self.c[-1] + self.dur[-1])
-        # All compute, and the read tax charged to the call as a whole (a valid bound: see the module doc).
+        # The read tax: a call's compute is slowed by the bytes its loads read (`CostModel.compute_scale`),
+        # so every step's compute is `c * (1 + X / C)`, X the call's tax and C its pure compute. X is linear
+        # in the residency Booleans, so each step's duration is bounded below by a linear constraint.
         # Reads are timed and taxed by the bytes a load reads; memory is held in slot bytes (`sizes`).
         self.read = read = {u: costs.unit_read_bytes(u, sizes[u]) for u in self.units}
         tax = {u: quanta(costs.read_tax_s_per_byte * read[u]) for u in self.units}
-        m.add(self.T >= quanta(costs.compute_total_s) + sum(tax[u] * (1 - self.res[u]) for u in steps if u in self.res))
+        taxq = sum(tax[u] * (1 - self.res[u]) for u in steps if u in self.res)  # X in quanta, rounded down
+        total = costs.compute_total_s
+
+        def taxed(seconds: float, name: str):
+            """A compute of `seconds` slowed by the call's tax, in quanta: rounded down so that every real
+            schedule keeps it (d >= floor(c/q) + floor(share * X/q), share <= c/C in millionths)."""
+            base = quanta(seconds)
+            share = int(seconds / total * TAX_SHARE_SCALE) if total > 0 else 0
+            if share == 0 or not any(tax.values()):
+                return base
+            d = m.new_int_var(base, H, name)
+            m.add(d * TAX_SHARE_SCALE >= base * TAX_SHARE_SCALE + share * taxq - (TAX_SHARE_SCALE - 1))
+            return d
+
+        self.dur = [taxed(c, f"d{i}") for i, c in enumerate(costs.compute_s)]
+        self.held_dur = [shortened(c) for c in costs.compute_s]  # a load's bytes are held until its compute ends
+        for i, d in enumerate(self.dur):
+            if not isinstance(d, int):  # taxed: held for the taxed compute, shortened by one as above
+                held = m.new_int_var(self.held_dur[i], H, f"h{i}")
+                m.add(held >= d - 1)
+                self.held_dur[i] = held
+        self.c = [m.new_int_var(0, H, f"c{i}") for i in range(len(steps))]
+        if steps:
+            m.add(self.c[0] >= taxed(costs.pre_s, "pre"))
+            for i in range(1, len(steps)):
+                m.add(self.c[i] >= self.c[i - 1] + self.dur[i - 1])
+            m.add(self.T >= self.c[-1] + self.dur[-1])
+        # Redundant: all compute and the whole tax.
+        m.add(self.T >= quanta(total) + taxq)
         self.r: dict[int, object] = {}  # step -> read start (this call's frame; negative: the previous call)
         self.rd: dict[int, int] = {}
         reads, memory, demands = [], [], []
@@ -136,7 +156,12 @@ class _Model:
                       m.new_optional_fixed_size_interval_var(r2, rd, on, f"L{i}+T")]
             held = m.new_int_var(0, 2 * H, f"held{i}")  # bytes held from the read's start to the compute's end
             e2 = m.new_int_var(-H, 4 * H, f"e{i}+T")
-            memory += [m.new_optional_interval_var(r, held, self.c[i] + self.held_dur[i], on, f"M{i}"),
+            end = self.c[i] + self.held_dur[i]
+            if not isinstance(self.held_dur[i], int):  # an interval's end must be one variable
+                e1 = m.new_int_var(-H, 4 * H, f"e{i}")
+                m.add(e1 == end)
+                end = e1
+            memory += [m.new_optional_interval_var(r, held, end, on, f"M{i}"),
                        m.new_optional_interval_var(r2, held, e2, on, f"M{i}+T")]
             demands += [sizes[u], sizes[u]]
         m.add_no_overlap(reads)
@@ -234,7 +259,7 @@ class _Model:
         for i in self.streamed_steps:
             if value(self.res[steps[i]]):
                 continue
-            s, e = value(self.r[i]), value(self.c[i]) + self.held_dur[i]
+            s, e = value(self.r[i]), value(self.c[i]) + _value(value, self.held_dur[i])
             for shift in (0, T):
                 events += [(s + shift, sizes[steps[i]]), (e + shift, -sizes[steps[i]])]
         live = peak = 0
@@ -247,6 +272,11 @@ class _Model:
         """(resident set, ring need) of a solution."""
         resident = frozenset(u for u in self.units if value(self.res[u]))
         return resident, self.peak_load_bytes(value, sizes, steps)
+
+
+def _value(value, x) -> int:
+    """A solution's value of `x`, a variable or a constant."""
+    return x if isinstance(x, int) else value(x)
 
 
 def _plans_from(program: Program, sizes: dict[int, int], costs: CostModel, budget: int,
