@@ -53,6 +53,7 @@ QUANTA_PER_STEP = 100
 RESOLUTION_MIN, RESOLUTION_MAX = 1_000, 200_000
 DEFAULT_TIME_LIMIT_S = 10.0
 WINDOW_STEPS = 40  # up to this many steps, a window cut for every pair of steps (beyond: presolve outgrows them)
+WINDOW_SPAN = 24  # beyond, a window cut for every pair at most this many steps apart
 NEIGHBOUR_SIMS = 2_000  # simulations at most to try resident sets one unit from the solver's
 WARM_SHARE = 0.2  # of the time limit at most, to turn greedy's plan into the search's first solution
 TAX_SHARE_SCALE = 1_000_000  # a step's share of the call's compute, in millionths (integer coefficients)
@@ -217,12 +218,11 @@ class _Model:
         m.add(held == sum(w[u] * self.res[u] for u in self.units))
         ring = math.ceil(ratio * cap / (costs.read_bps * q))  # the whole budget's, in read quanta, rounded up
         full = {i: quanta(costs.read_s(self.read[steps[i]])) for i in self.streamed_steps}
-        if len(steps) > WINDOW_STEPS:
-            return
+        span = len(steps) if len(steps) <= WINDOW_STEPS else WINDOW_SPAN
         for a in range(len(steps)):
             mine = w[steps[a]] * (1 - self.res[steps[a]]) if steps[a] in self.res else 0
             reads, n = [], 0
-            for b in range(a + 1, len(steps)):
+            for b in range(a + 1, min(len(steps), a + 1 + span)):
                 if steps[b] in self.res:
                     reads.append(full[b] * (1 - self.res[steps[b]]))
                     n += 1
