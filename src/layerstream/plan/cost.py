@@ -27,8 +27,9 @@ class CostModel:
     pre_s: float  # compute in a call before its first step
     read_bps: float  # bytes per second of the reader on this file
     read_lat_s: float = 1e-4  # fixed cost per load
-    # Compute slowed per byte read meanwhile. On the 2-vCPU development VM a block-I/O completion
-    # stalls one of torch's two threads and the other waits: 0.4-0.7 ms per MB (see README).
+    # Compute slowed per byte read meanwhile. On the 2-vCPU development VM the host steals ~30% of each
+    # vCPU while its virtual disk reads (benchmarks/io_tax.py): 0.4-0.7 ms per MB at 0.6-1 GB/s. That
+    # is a slowdown per second of reading, charged here per byte at the speed the learning calls saw.
     read_tax_s_per_byte: float = 0.0
     # (unit id, bytes one load of it reads), sorted, for units whose read is not their slot: int8 units
     # and gather units (UnitLayout.read_nbytes: their extents; none for a gather unit). Others: the slot.
