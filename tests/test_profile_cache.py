@@ -106,3 +106,16 @@ def test_layerstream_profile_and_stream_share_the_cache(saved):
     with ls.stream(s.model(), s.path, budget=budget(s), max_unit=max_unit) as sm:
         s.check(sm(*s.inputs))
         assert sm.costs == costs
+
+
+def test_run_command_reuses_refreshes_or_ignores_the_cache(capsys):
+    from layerstream import cli
+
+    def run(mode: str) -> str:
+        assert cli.main(["run", "zoo:tiny-gpt2", "--budget", "60%", "--repeat", "3", "--profile-cache", mode]) == 0
+        return capsys.readouterr().out
+
+    assert "profile cache off" in run("off") and cached_files() == []
+    assert "kept in" in run("on") and len(cached_files()) == 1
+    assert "from the profile cache" in run("on")
+    assert "kept in" in run("refresh")

@@ -23,7 +23,7 @@ def cmd_run(a) -> int:
     weights = weights_for(a.model, spec, a.weights)
     inputs = tuple(x.to(a.device) for x in spec.example_inputs())
     with stream(build_empty(spec.build), weights, budget=a.budget, max_unit=a.max_unit, reader=a.reader,
-                device=a.device) as sm:
+                device=a.device, profile_cache=a.profile_cache) as sm:
         _log(sm.plan.summary(sm.cap.program, sm.sizes))
         for i in range(a.repeat):
             out = sm(*inputs)
@@ -263,6 +263,9 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--max-unit", type=lambda s: __import__("layerstream").parse_bytes(s), default=None,
                    help="largest load unit (default: an eighth of the budget)")
     q.add_argument("--reader", choices=["auto", "direct", "buffered"], default="auto")
+    q.add_argument("--profile-cache", choices=["on", "off", "refresh"], default="on",
+                   help="on: reuse a cost model cached by an earlier run (default); off: learn it and keep "
+                        "nothing; refresh: learn it again and write over the cache")
     q.add_argument("--trace", help="write a Chrome trace (Perfetto) of the calls to this file")
     q.add_argument("--check", action="store_true", help="also run the eager model and compare outputs")
     q.set_defaults(fn=cmd_run)
