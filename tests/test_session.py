@@ -413,3 +413,24 @@ def test_generate_in_a_session_equals_eager_and_keeps_the_budget(saved):
         assert rep.arena_peak_bytes <= s.budget_bytes
         with pytest.raises(KeyError, match="no model named 'nope'"):
             s.generate("nope", ids)
+
+
+def test_generate_reads_no_other_model_ahead_between_its_steps(saved):
+    """A generate() holds the turn: prefetching the next model after each step would be thrown away."""
+    g = saved("tiny-gpt2")
+    with make_session(saved, workload=THREE) as s:
+        for n in THREE:
+            run(s, saved, n)
+        gpt = s._models["tiny-gpt2"]
+        ahead = []  # the other models' loads in flight as each step ends
+        hook = gpt.model.register_forward_hook(
+            lambda *_: ahead.append(sum(len(m._exec.inflight) for m in s._models.values() if m is not gpt)))
+        try:
+            s.generate("tiny-gpt2", g.inputs[0][:, :8], max_new_tokens=6, do_sample=False, pad_token_id=0)
+        finally:
+            hook.remove()
+        assert len(ahead) == 6 and ahead == [0] * 6
+        assert s._expected == "tiny-resnet" and any(ld for ld in s._models["tiny-resnet"]._exec.inflight.values())
+        run(s, saved, "tiny-resnet")
+        run(s, saved, "tiny-gpt2")
+        accounted(s)

@@ -149,6 +149,7 @@ class Session:
         self.counts = {k: Counter() for k in ("out_of_order", "prefetched", "prefetched_bytes", "failed",
                                               "arena_peak_bytes")}
         self._closed = False
+        self._generating = False  # a generate() holds the turn: its steps are not followed by another model
 
     # ---- the public surface ---------------------------------------------------------------------
     def add(self, name: str, model, path, max_unit: int | None = None, **kwargs) -> SessionModel:
@@ -183,10 +184,12 @@ class Session:
         streamed calls of that model, one after another, while other callers wait. Each step is a call
         in the model's figures (`session.report()`, and `report().generation` of the model); the
         workload's predictor sees one call."""
-        return self._serve(name, StreamedModel.generate, args, kwargs)
+        return self._serve(name, StreamedModel.generate, args, kwargs, generating=True)
 
-    def _serve(self, name: str, fn, args, kwargs):
-        """`fn(model, *args, **kwargs)` for model `name`, in its turn, with the session's counts around it."""
+    def _serve(self, name: str, fn, args, kwargs, generating: bool = False):
+        """`fn(model, *args, **kwargs)` for model `name`, in its turn, with the session's counts around it.
+        `generating`: the calls are generate()'s steps, one after another, so no other model is read
+        ahead between them (only after the last, as after any call)."""
         sm = self._models.get(name)
         if sm is None:
             self._check_open()
@@ -195,12 +198,14 @@ class Session:
             self._check_open()
             self._before(sm)
             peak0, self.arena.peak_bytes = self.arena.peak_bytes, self.arena.live_bytes  # this call's own peak
+            self._generating = generating
             try:
                 return fn(sm, *args, **kwargs)
             except BaseException:
                 self.counts["failed"][name] += 1
                 raise
             finally:
+                self._generating = False
                 peak = self.counts["arena_peak_bytes"]
                 peak[name] = max(peak[name], self.arena.peak_bytes)
                 self.arena.peak_bytes = max(peak0, self.arena.peak_bytes)
@@ -318,7 +323,7 @@ class Session:
     def _tail(self, sm: SessionModel) -> None:
         """After a release in `sm`'s call: once it has issued its last load, read the next model ahead."""
         ex = sm._exec
-        if ex is None or ex.serial or not ex.issued_all:
+        if ex is None or ex.serial or not ex.issued_all or self._generating:
             return  # (a serial call times pure compute: nothing may read beside it)
         nxt = self._next()
         if nxt is not None and nxt != sm.session_name:
