@@ -119,3 +119,36 @@ def test_run_command_reuses_refreshes_or_ignores_the_cache(capsys):
     assert "kept in" in run("on") and len(cached_files()) == 1
     assert "from the profile cache" in run("on")
     assert "kept in" in run("refresh")
+
+
+def test_a_cache_that_cannot_be_used_never_fails_a_call(saved, tmp_path, monkeypatch):
+    s = saved("tiny-gpt2")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv("LAYERSTREAM_CACHE", str(blocker / "cache"))  # every read and write fails: ENOTDIR
+    _, note = learn(s)
+    assert "not cached" in note
+    with ls.stream(s.model(), s.path, budget=budget(s), max_unit=UNIT) as sm:
+        for _ in range(3):
+            s.check(sm(*s.inputs))
+        assert sm.costs is not None
+    with pytest.raises(ValueError, match="profile_cache=\\[\\]"):
+        ls.stream(s.model(), s.path, budget=budget(s), max_unit=UNIT, profile_cache=[])
+
+
+def test_an_entry_whose_parts_disagree_is_measured_again(saved):
+    import json
+    s = saved("tiny-gpt2")
+    learn(s)
+    [path] = cached_files()
+    d = json.loads(path.read_text())
+    d["costs"]["compute_s"] = d["costs"]["compute_s"][:-1]  # one step short, key intact
+    path.write_text(json.dumps(d))
+    with ls.stream(s.model(), s.path, budget=budget(s), max_unit=UNIT) as sm:
+        s.check(sm(*s.inputs))
+        assert sm.costs is None
+    d["sizes"] = list(d["sizes"])  # malformed, key intact
+    path.write_text(json.dumps(d))
+    with ls.stream(s.model(), s.path, budget=budget(s), max_unit=UNIT) as sm:
+        s.check(sm(*s.inputs))
+        assert sm.costs is None

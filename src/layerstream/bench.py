@@ -46,8 +46,10 @@ def _load(cfg: dict, model, device: torch.device):
         return load_eager(model, cfg["weights"]).to(device)
     if system == "layerstream":
         from .stream import stream
+        # A benchmark measures: its cost model is learned in the run (and cached for later streams),
+        # never taken from whatever an earlier run left in the cache.
         return stream(model, cfg["weights"], budget=cfg["budget"], io=cfg.get("io", "auto"), device=device,
-                      max_unit=cfg.get("max_unit"))
+                      max_unit=cfg.get("max_unit"), profile_cache=cfg.get("profile_cache", "refresh"))
     from .peers import attach
     return attach(system, model, cfg["offload_dir"], device)
 
@@ -126,7 +128,7 @@ def _stream_fields(run, cfg: dict, first_misses: int) -> dict:
     read = r.bytes_read if cfg.get("mode") == "cold" else r.bytes_read_last_call
     out = dict(budget_bytes=r.budget_bytes, arena_peak_bytes=r.arena_peak_bytes, bytes_read=read,
                demand_misses=r.demand_misses, reader=r.reader, planner=r.planner, predicted_ms=r.predicted_ms,
-               plan_read_bps=r.read_bps, warm_demand_misses=r.demand_misses - first_misses,
+               plan_read_bps=r.read_bps, warm_demand_misses=r.demand_misses - first_misses, notes=r.notes,
                first_unit_bytes=run.sizes[run.cap.program.steps[0]] if run.cap.program.steps else 0)
     run.close()
     return out

@@ -120,14 +120,19 @@ def cmd_tradeoff(a) -> int:
         points = []
         with tempfile.TemporaryDirectory(prefix="layerstream-tradeoff-") as tmp:
             _log("measuring eager (every weight loaded, warm) ...")
-            eager = spawn({"system": "eager", "mode": "warm", "model": a.model, "weights": str(weights),
-                           "repeat": a.repeat, "device": a.device, "out": f"{tmp}/eager.safetensors"})
+            try:
+                eager_ms = spawn({"system": "eager", "mode": "warm", "model": a.model, "weights": str(weights),
+                                  "repeat": a.repeat, "device": a.device,
+                                  "out": f"{tmp}/eager.safetensors"})["latency_ms"]
+            except RuntimeError as e:  # e.g. a model larger than memory: the frontier is still measured
+                _log(f"eager could not run here, so no measured eager line: {str(e).splitlines()[0]}")
+                eager_ms = None
             for i, p in enumerate(frontier.points):
                 _log(f"[{i + 1}/{len(frontier.points)}] measuring at {fmt_bytes(p.budget_bytes)} ...")
                 r = spawn({"system": "layerstream", "budget": p.budget_bytes, "model": a.model, "weights": str(weights),
                            "repeat": a.repeat, "device": a.device, "max_unit": max_unit, "out": f"{tmp}/o{i}.safetensors"})
                 points.append(replace(p, measured_ms=r["latency_ms"]))
-        frontier = replace(frontier, points=tuple(points), eager_ms=eager["latency_ms"])
+        frontier = replace(frontier, points=tuple(points), eager_ms=eager_ms)
     knee = next((p for p in frontier.points if p.budget_bytes == frontier.knee_bytes), None)
     print(f"\n{a.model}: compute {frontier.compute_ms:.1f} ms with every weight resident"
           + (f" (eager measured {frontier.eager_ms:.1f} ms)" if frontier.eager_ms else "")

@@ -10,15 +10,19 @@ generate()'s prefill and decoding steps differ, so a serial call whose shapes di
 one's is thrown away and the next call is timed again.
 
 The cost model is kept in the profile cache (profile.py's directory), keyed by everything its numbers
-depend on: the weight files (path, size, mtime, header hash), the Program after call 1 (so the unit
-cut, hence max_unit, budget-dependent gathering and the order), the device, torch's thread count,
-the call's input shapes and dtypes, and the reader. A later stream of the same model and file that
-finds its key after a call (its first, or a later one while learning) adopts the cached costs and
-plans at once: the timed and the serial call (the slowest of all) are skipped. `profile_cache="off"`
+depend on: the weight files as opened (path, size, mtime, header hash), the model's class and config,
+the Program after call 1 (the unit cut, hence max_unit, gathering and the order), the budget (the
+read speed is calibrated against its plan), the device, torch's version and thread count and the CPU,
+the call's input shapes and dtypes (and a generate() step's KV-cache length, in powers of two), the
+reader and I/O backend, whether reads are verified, and whether a Session runs it. A later stream
+that finds its key after a call (its first, or a later one while learning) adopts the cached costs
+and plans at once: the timed and the serial call are skipped. A cost model is as good as the moment
+it was measured on a host whose speed moves: "refresh" measures again. `profile_cache="off"`
 neither reads nor writes; `"refresh"` measures and writes over.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 
 import torch
@@ -39,20 +43,47 @@ CACHE_MODES = ("on", "off", "refresh")
 
 
 def check_cache_mode(mode) -> str:
-    mode = {True: "on", False: "off", None: "off"}.get(mode, mode)
-    if mode not in CACHE_MODES:
+    if isinstance(mode, bool) or mode is None:
+        return "on" if mode else "off"
+    if not isinstance(mode, str) or mode not in CACHE_MODES:
         raise ValueError(f"profile_cache={mode!r}: use 'on' (read and write the profile cache), "
                          "'off' (neither) or 'refresh' (measure again and write over)")
     return mode
 
 
+def weights_identity(index) -> list[dict] | None:
+    """The identity of every file `index` reads (taken when the model opens them, so a file replaced
+    later is not mistaken for the one timed), or None when a file cannot be stat'ed."""
+    try:
+        return [weight_identity(p) for p in shard_paths(index)]
+    except OSError:
+        return None
+
+
+def _machine() -> dict:
+    """What the compute times depend on beyond the device: torch's build and, on a CPU, its model."""
+    cpu = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "")
+    except OSError:
+        pass
+    return {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": cpu}
+
+
 def cache_key(sm, key: tuple) -> dict:
-    """The profile cache key of `sm`'s current program, called with inputs of shape key `key`."""
-    return {"version": CACHE_VERSION, "kind": "stream", "model": type(sm.model).__name__,
-            "weights": [weight_identity(p) for p in shard_paths(sm.index)],
-            "program": program_digest(sm.cap.program), "device": device_signature(sm.device),
-            "threads": torch.get_num_threads(), "inputs": [[k, list(shape), dtype] for k, shape, dtype in key],
-            "max_unit": sm.max_unit, "reader": sm._reader_mode}
+    """The profile cache key of `sm`'s current program, called with inputs of shape key `key`: every
+    thing its costs depend on (see the module docstring)."""
+    model = sm.model
+    config = getattr(model, "config", None)
+    config = config.to_json_string(use_diff=False) if hasattr(config, "to_json_string") else repr(config)
+    return {"version": CACHE_VERSION, "kind": "session" if hasattr(sm, "session_name") else "stream",
+            "model": type(model).__name__, "class": f"{type(model).__module__}.{type(model).__qualname__}",
+            "config": hashlib.sha256(config.encode()).hexdigest()[:16], "weights": sm._weights_identity,
+            "program": program_digest(sm.cap.program), "budget": sm.budget_bytes, "max_unit": sm.max_unit,
+            "device": device_signature(sm.device), **_machine(),
+            "inputs": [[k, list(shape), dtype] for k, shape, dtype in key],
+            "reader": f"{sm._reader.mode}/{sm._io.kind}", "verify": sm.verify}
 
 
 def after_call(sm, ex, key: tuple) -> None:
@@ -105,8 +136,10 @@ def adopt(sm, costs: CostModel) -> None:
     """Take `costs` as the model's cost model; run greedy's plan if the simulator predicts it faster."""
     sm.costs = costs
     now = simulate(sm.cap.program, sm.sizes, costs, sm.plan)
-    plan, pred = plan_greedy(sm.cap.program, sm.sizes, costs, sm.budget_bytes)
     sm.prediction = now
+    if hasattr(sm, "session_name"):
+        return  # a session's model: the session plans the whole workload with these costs
+    plan, pred = plan_greedy(sm.cap.program, sm.sizes, costs, sm.budget_bytes)
     if pred.latency_s < now.latency_s * 0.98:
         sm.prediction = pred
         sm._restart(sm.cap, lambda: plan)
@@ -114,9 +147,13 @@ def adopt(sm, costs: CostModel) -> None:
 
 def _from_cache(sm, key: tuple) -> bool:
     """Adopt the cached cost model of this program and inputs, if there is one."""
-    if sm._profile_cache != "on":
+    if sm._profile_cache != "on" or sm._weights_identity is None:
         return False
-    prof, path = read_cached(cache_key(sm, key))
+    try:
+        prof, path = read_cached(cache_key(sm, key))
+    except OSError as e:  # no cache directory to be had: learn as if it were off
+        sm.profile_note = f"profile cache unavailable ({e})"
+        return False
     if prof is None or prof.program != sm.cap.program or prof.sizes != sm.sizes:
         return False
     sm._learning = "done"
@@ -126,12 +163,12 @@ def _from_cache(sm, key: tuple) -> bool:
 
 
 def _to_cache(sm, key: tuple, costs: CostModel) -> None:
-    if sm._profile_cache == "off":
-        sm.profile_note = "cost model measured by calls 2 and 3 (profile cache off)"
+    if sm._profile_cache == "off" or sm._weights_identity is None:
+        sm.profile_note = "cost model measured by calls 2 and 3 (profile cache off" + (
+            ")" if sm._profile_cache == "off" else ": a weight file could not be identified)")
         return
-    prof = Profile(sm.cap.program, dict(sm.sizes), costs, sm.max_unit, cache_key(sm, key))
     try:
-        path = write_cached(prof)
+        path = write_cached(Profile(sm.cap.program, dict(sm.sizes), costs, sm.max_unit, cache_key(sm, key)))
     except OSError as e:  # a read-only home: the model runs the same, the next stream measures again
         sm.profile_note = f"cost model measured by calls 2 and 3; not cached ({e})"
         return

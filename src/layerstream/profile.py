@@ -17,6 +17,7 @@ import os
 import re
 import struct
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,8 +36,12 @@ def _stderr(msg: str) -> None:
 
 
 def cache_root() -> Path:
-    """Where profiles are kept: zoo.py's cache directory, in `profiles/`."""
-    root = os.environ.get("LAYERSTREAM_CACHE") or Path.home() / ".cache" / "layerstream"
+    """Where profiles are kept: zoo.py's cache directory, in `profiles/`. Raises OSError when there is
+    none to be had ($LAYERSTREAM_CACHE unset and no home directory)."""
+    try:
+        root = os.environ.get("LAYERSTREAM_CACHE") or Path.home() / ".cache" / "layerstream"
+    except RuntimeError as e:  # Path.home() with no $HOME and a uid not in passwd
+        raise OSError(f"no cache directory: set LAYERSTREAM_CACHE ({e})") from e
     return Path(root).expanduser() / "profiles"
 
 
@@ -182,18 +187,27 @@ def program_digest(program: Program) -> str:
 
 
 def read_cached(key: dict, log=None) -> tuple[Profile | None, Path]:
-    """(the profile cached under `key` or None, its cache file). A file for another key, or one that
-    does not parse, is a miss (and is said so to `log`): it is measured again and written over."""
+    """(the profile cached under `key` or None, its cache file). A missing file is a miss; so is one
+    that cannot be read or parsed, one made for another key, or one whose parts disagree (said so to
+    `log`): it is measured again and written over. A cache never fails the caller."""
     path = cache_path(key)
-    if not path.exists():
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return None, path
+    except OSError as e:
+        if log:
+            log(f"profile cache {path} cannot be read ({e}): measuring again")
         return None, path
     try:
-        prof = Profile.from_json(path.read_text())
-    except (OSError, ValueError, KeyError, TypeError) as e:
+        prof = Profile.from_json(text)
+        consistent = (len(prof.costs.compute_s) == len(prof.program.steps)
+                      and set(prof.sizes) == {u.uid for u in prof.program.units})
+    except Exception as e:  # any malformed content: the file is a cache, measuring again is always right
         if log:
-            log(f"profile cache {path} is unreadable ({e}): measuring again")
+            log(f"profile cache {path} is unreadable ({type(e).__name__}: {e}): measuring again")
         return None, path
-    if prof.key != key:
+    if prof.key != key or not consistent:
         if log:
             log(f"profile cache {path} was made for something else: measuring again")
         return None, path
@@ -201,15 +215,18 @@ def read_cached(key: dict, log=None) -> tuple[Profile | None, Path]:
 
 
 def write_cached(prof: Profile) -> Path:
-    """Keep `prof` under its key; written whole or not at all (a reader never sees half a file)."""
+    """Keep `prof` under its key; written whole or not at all (a reader never sees half a file, and
+    writers in several threads or processes each write their own temporary file)."""
     path = cache_path(prof.key)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem + ".", suffix=".tmp")
     try:
-        tmp.write_text(prof.to_json())
+        with os.fdopen(fd, "w") as f:
+            f.write(prof.to_json())
         os.replace(tmp, path)
     finally:
-        tmp.unlink(missing_ok=True)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
     return path
 
 
@@ -231,6 +248,9 @@ def load_or_profile(spec, weights, budget="25%", device="cpu", max_unit: int | N
     program, sizes, costs, max_unit = profile(spec, weights, budget, device, max_unit, log=log,
                                               refresh=refresh)
     prof = Profile(program, sizes, costs, max_unit, key, time.perf_counter() - t)
-    write_cached(prof)
-    log(f"profile saved to {path}")
+    try:
+        write_cached(prof)
+        log(f"profile saved to {path}")
+    except OSError as e:  # a read-only cache: the profile is still good for this command
+        log(f"profile not cached ({e}): the next command measures again")
     return prof, path, False

@@ -111,6 +111,7 @@ class StreamedModel(nn.Module):
         self._learning = "done" if plan is not None else "order"  # a plan the user passed is kept as it is
         self._reader_mode = reader
         self._profile_cache = learn.check_cache_mode(profile_cache)
+        self._weights_identity = learn.weights_identity(self.index) if self._profile_cache != "off" else None
         self.profile_note = ""  # where the cost model came from, once there is one
         self.costs: CostModel | None = None
         self._profile_bps = 0.0
@@ -314,9 +315,14 @@ class StreamedModel(nn.Module):
 
 
 def _shape_key(args, kwargs) -> tuple:
-    """Shapes and dtypes of a call's tensor arguments, but an attention mask's (it grows by one per decoded token)."""
+    """Shapes and dtypes of a call's tensor arguments, but an attention mask's (it grows by one per decoded
+    token), and a KV cache's length in powers of two (a step's attention grows with it)."""
     items = list(enumerate(args)) + [(k, v) for k, v in kwargs.items() if k != "attention_mask"]
-    return tuple((k, tuple(v.shape), str(v.dtype)) for k, v in items if isinstance(v, torch.Tensor))
+    key = tuple((k, tuple(v.shape), str(v.dtype)) for k, v in items if isinstance(v, torch.Tensor))
+    cache = kwargs.get("past_key_values")
+    if hasattr(cache, "get_seq_length"):
+        key += (("kv_cache_length_bits", (int(cache.get_seq_length()).bit_length(),), ""),)
+    return key
 
 
 def _move_real_buffers(model: nn.Module, device: torch.device) -> None:

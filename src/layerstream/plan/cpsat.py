@@ -21,9 +21,10 @@ What its lower bound means. Every periodic schedule the runtime could follow wit
 a ring is a solution of this model, so the model's optimum is a lower bound on the warm latency of
 *any* plan under the budget, as the simulator predicts it in steady state. It is a relaxation: it
 allows any placement of loaded bytes (the ring's fixed offsets may not fit a schedule the cumulative
-allows), and reads may start before their ring bytes are freed in FIFO order. Durations are rounded down to whole quanta and shortened by one
-(so that rounding can never make a real schedule infeasible here), so the bound is low by at most a
-quantum per step. The bound is CP-SAT's proven bound on the model's optimum, so when the solver
+allows), and reads may start before their ring bytes are freed in FIFO order. Durations are
+rounded down to whole quanta and shortened by one (so that rounding can never make a real schedule
+infeasible here), so the bound is low by at most a quantum per step, and by about one more per
+streamed step for the read tax (each unit's tax is rounded down to whole quanta). The bound is CP-SAT's proven bound on the model's optimum, so when the solver
 stops at its time limit it is weaker still, and it says nothing about the disk or the device being
 slower than the cost model says. The simulator reports the third of three back-to-back calls, which
 a plan with a slow start may not have settled by; the bound is for the settled state.
