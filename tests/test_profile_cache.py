@@ -43,7 +43,7 @@ def test_a_second_stream_takes_the_cached_costs_after_its_first_call(saved, name
     assert "kept in" in note and len(cached_files()) == 1
     with ls.stream(s.model(), s.path, budget=budget(s), max_unit=UNIT) as sm:
         s.check(sm(*s.inputs))
-        assert sm.costs == costs and sm._learning == "done"  # neither the timed nor the serial call runs
+        assert sm.costs == costs and sm._learning == "check"  # neither the timed nor the serial call runs
         assert sm.prediction is not None
         for _ in range(3):
             s.check(sm(*s.inputs))
@@ -152,3 +152,25 @@ def test_an_entry_whose_parts_disagree_is_measured_again(saved):
     with ls.stream(s.model(), s.path, budget=budget(s), max_unit=UNIT) as sm:
         s.check(sm(*s.inputs))
         assert sm.costs is None
+
+
+def test_a_cached_cost_model_a_planned_call_contradicts_is_measured_again(saved):
+    import json
+    s = saved("tiny-gpt2")
+    learn(s)
+    [path] = cached_files()
+    d = json.loads(path.read_text())
+    d["costs"]["compute_s"] = [c * 1000 + 0.01 for c in d["costs"]["compute_s"]]  # seconds where ms were
+    path.write_text(json.dumps(d))
+    with ls.stream(s.model(), s.path, budget=budget(s), max_unit=UNIT) as sm:
+        s.check(sm(*s.inputs))  # adopts the wrong costs: it predicts seconds
+        assert sm._learning == "check" and sm.prediction.latency_s > 0.1
+        s.check(sm(*s.inputs))  # the first planned call: not compared (its ring starts empty)
+        s.check(sm(*s.inputs))  # compared: far faster than predicted, so timed again
+        assert sm._learning == "overlapped" and "measured again" in sm.profile_note
+        for _ in range(2):  # timed, serial
+            s.check(sm(*s.inputs))
+        assert sm._learning == "done" and sm.prediction.latency_s < 0.1
+        assert "kept in" in sm.profile_note
+    fresh = ls.profile.Profile.from_json(path.read_text())
+    assert max(fresh.costs.compute_s) < 0.01  # written over with what was measured

@@ -17,7 +17,8 @@ the call's input shapes and dtypes (and a generate() step's KV-cache length, in 
 reader and I/O backend, whether reads are verified, and whether a Session runs it. A later stream
 that finds its key after a call (its first, or a later one while learning) adopts the cached costs
 and plans at once: the timed and the serial call are skipped. A cost model is as good as the moment
-it was measured on a host whose speed moves: "refresh" measures again. `profile_cache="off"`
+it was measured on a host whose speed moves, so the second planned call checks it: off the prediction
+by more than 20%, the model is timed again and the cache written over ("refresh" does that at once). `profile_cache="off"`
 neither reads nor writes; `"refresh"` measures and writes over.
 """
 from __future__ import annotations
@@ -40,6 +41,8 @@ from .profile import (CACHE_VERSION, Profile, device_signature, program_digest, 
 
 PROFILE_READ_BYTES = 256 * 2**20  # how much of the file to read to measure the reader's speed
 CACHE_MODES = ("on", "off", "refresh")
+CHECK_TOLERANCE = 0.2  # a cached cost model's prediction may be this far off a planned call ...
+CHECK_MIN_MS = 5.0  # ... or this many ms (tiny models' calls are noise at the millisecond)
 
 
 def check_cache_mode(mode) -> str:
@@ -89,6 +92,9 @@ def cache_key(sm, key: tuple) -> dict:
 def after_call(sm, ex, key: tuple) -> None:
     """Learn from the call `ex` just served (shape key `key`); re-plan when the costs are known."""
     if sm._learning == "done":
+        return
+    if sm._learning == "check":
+        _check_cached(sm, key)
         return
     if sm._learning == "order":
         sm._learning = "overlapped"
@@ -156,10 +162,29 @@ def _from_cache(sm, key: tuple) -> bool:
         return False
     if prof is None or prof.program != sm.cap.program or prof.sizes != sm.sizes:
         return False
-    sm._learning = "done"
+    sm._learning = "done" if hasattr(sm, "session_name") else "check"
+    sm._check = (key, 1)  # compare the second planned call of these shapes with the prediction
     sm.profile_note = f"cost model from the profile cache ({path}), measured earlier: not timed again"
     adopt(sm, prof.costs)
     return True
+
+
+def _check_cached(sm, key: tuple) -> None:
+    """A cached cost model is trusted once a planned call confirms it: one whose latency is off the
+    prediction by more than CHECK_TOLERANCE (and CHECK_MIN_MS) is measured again and written over."""
+    want, skip = sm._check
+    if key != want:
+        return  # not comparable: wait for a call of the shapes the prediction is for
+    if skip:
+        sm._check = (want, skip - 1)  # the first call after a re-plan starts with an empty ring
+        return
+    predicted, measured = sm.prediction.latency_s * 1e3, sm._latencies[-1]
+    if abs(measured - predicted) <= max(CHECK_TOLERANCE * predicted, CHECK_MIN_MS):
+        sm._learning = "done"
+        return
+    sm.profile_note = (f"the cached cost model predicted {predicted:.1f} ms and a planned call took "
+                       f"{measured:.1f} ms: measured again")
+    sm._learning, sm._profile_cache = "overlapped", "refresh"  # time the next calls; write the cache over
 
 
 def _to_cache(sm, key: tuple, costs: CostModel) -> None:
