@@ -45,10 +45,10 @@ def test_a_second_stream_takes_the_cached_costs_after_its_first_call(saved, name
         s.check(sm(*s.inputs))
         assert sm.costs == costs and sm._learning == "check"  # neither the timed nor the serial call runs
         assert sm.prediction is not None
-        for _ in range(3):
-            s.check(sm(*s.inputs))
         notes = sm.report().notes
-    assert any("from the profile cache" in n for n in notes), notes
+        assert any("from the profile cache" in n for n in notes), notes
+        for _ in range(4):  # the check (a tiny model's calls are noisy: it may measure again), then planned
+            s.check(sm(*s.inputs))
     assert len(cached_files()) == 1
 
 
@@ -111,13 +111,14 @@ def test_layerstream_profile_and_stream_share_the_cache(saved):
 def test_run_command_reuses_refreshes_or_ignores_the_cache(capsys):
     from layerstream import cli
 
-    def run(mode: str) -> str:
-        assert cli.main(["run", "zoo:tiny-gpt2", "--budget", "60%", "--repeat", "3", "--profile-cache", mode]) == 0
+    def run(mode: str, repeat: int = 3) -> str:
+        assert cli.main(["run", "zoo:tiny-gpt2", "--budget", "60%", "--repeat", str(repeat),
+                         "--profile-cache", mode]) == 0
         return capsys.readouterr().out
 
     assert "profile cache off" in run("off") and cached_files() == []
     assert "kept in" in run("on") and len(cached_files()) == 1
-    assert "from the profile cache" in run("on")
+    assert "from the profile cache" in run("on", repeat=2)  # (the third call would check it against a call)
     assert "kept in" in run("refresh")
 
 
