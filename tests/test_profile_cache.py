@@ -167,7 +167,9 @@ def test_a_cached_cost_model_a_planned_call_contradicts_is_measured_again(saved)
         s.check(sm(*s.inputs))  # adopts the wrong costs: it predicts seconds
         assert sm._learning == "check" and sm.prediction.latency_s > 0.1
         s.check(sm(*s.inputs))  # the first planned call: not compared (its ring starts empty)
-        s.check(sm(*s.inputs))  # compared: far faster than predicted, so timed again
+        s.check(sm(*s.inputs))  # compared, with the next: the faster of the two counts
+        assert sm._learning == "check"
+        s.check(sm(*s.inputs))  # far faster than predicted, so timed again
         assert sm._learning == "overlapped" and "measured again" in sm.profile_note
         for _ in range(2):  # timed, serial
             s.check(sm(*s.inputs))
@@ -175,3 +177,48 @@ def test_a_cached_cost_model_a_planned_call_contradicts_is_measured_again(saved)
         assert "kept in" in sm.profile_note
     fresh = ls.profile.Profile.from_json(path.read_text())
     assert max(fresh.costs.compute_s) < 0.01  # written over with what was measured
+
+
+def test_another_budget_or_thread_count_is_another_entry(saved):
+    s = saved("tiny-gpt2")
+    learn(s)
+    with ls.stream(s.model(), s.path, budget=budget(s) + 4096, max_unit=UNIT) as sm:  # same unit cut
+        s.check(sm(*s.inputs))
+        assert sm.costs is None
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1 if threads > 1 else 2)
+    try:
+        with ls.stream(s.model(), s.path, budget=budget(s), max_unit=UNIT) as sm:
+            s.check(sm(*s.inputs))
+            assert sm.costs is None
+    finally:
+        torch.set_num_threads(threads)
+    with ls.stream(s.model(), s.path, budget=budget(s), max_unit=UNIT) as sm:  # as learned: a hit
+        s.check(sm(*s.inputs))
+        assert sm.costs is not None
+
+
+def test_shape_keys_bucket_the_kv_cache_length():
+    from transformers import DynamicCache
+
+    from layerstream.stream import _shape_key
+
+    def key(length: int) -> tuple:
+        cache = DynamicCache()
+        cache.update(torch.zeros(1, 2, length, 4), torch.zeros(1, 2, length, 4), 0)
+        return _shape_key((torch.zeros(1, 1, dtype=torch.long),), {"past_key_values": cache,
+                                                                    "attention_mask": torch.ones(1, length + 1)})
+
+    assert key(5) == key(6) == key(7) != key(8) == key(15) != key(16)
+    assert key(5)[:-1] == _shape_key((torch.zeros(1, 1, dtype=torch.long),), {})  # the mask is left out
+
+
+def test_learning_gives_up_when_every_call_has_other_shapes(saved):
+    """generate() without a KV cache feeds a longer input every step: no timed call has a serial partner
+    of its shapes, so learning stops after a few tries instead of running every other step serially."""
+    from layerstream.learn import LEARN_TRIES
+    s = saved("tiny-gpt2")  # its config has use_cache=False
+    with ls.stream(s.model(), s.path, budget=budget(s), max_unit=UNIT) as sm:
+        sm.generate(s.inputs[0][:, :4], max_new_tokens=2 * LEARN_TRIES + 4, do_sample=False, pad_token_id=0)
+        assert sm._learning == "done" and sm.costs is None and "no cost model" in sm.profile_note
+        assert not sm._exec.serial

@@ -95,7 +95,7 @@ def test_profile_command_measures_once_then_reads_the_cache(tmp_path, capsys, mo
     out = tmp_path / "p.json"
     assert cli.main(["profile", "zoo:tiny-t5", "--max-unit", "16KiB", "--json", str(out)]) == 0
     first = capsys.readouterr()
-    assert "measured in" in first.out and "call 3/3" in first.err  # progress on stderr
+    assert "measured in" in first.out and "call 3 (timing each step with reads serial" in first.err  # progress on stderr
     files = list(cache_root().glob("tiny-t5-*.json"))
     assert len(files) == 1 and out.read_text() == files[0].read_text()
     prof = Profile.from_json(out.read_text())

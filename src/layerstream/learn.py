@@ -17,13 +17,15 @@ the call's input shapes and dtypes (and a generate() step's KV-cache length, in 
 reader and I/O backend, whether reads are verified, and whether a Session runs it. A later stream
 that finds its key after a call (its first, or a later one while learning) adopts the cached costs
 and plans at once: the timed and the serial call are skipped. A cost model is as good as the moment
-it was measured on a host whose speed moves, so the second planned call checks it: off the prediction
-by more than 20%, the model is timed again and the cache written over ("refresh" does that at once). `profile_cache="off"`
+it was measured on a host whose speed moves, so the planned calls check it (the faster of the second
+and third): off the prediction by more than 20%, the model is timed again and the cache written over
+("refresh" does that at once). Sessions do not check: a session re-plans its whole workload. `profile_cache="off"`
 neither reads nor writes; `"refresh"` measures and writes over.
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 
 import torch
@@ -43,6 +45,9 @@ PROFILE_READ_BYTES = 256 * 2**20  # how much of the file to read to measure the 
 CACHE_MODES = ("on", "off", "refresh")
 CHECK_TOLERANCE = 0.2  # a cached cost model's prediction may be this far off a planned call ...
 CHECK_MIN_MS = 5.0  # ... or this many ms (tiny models' calls are noise at the millisecond)
+CHECK_CALLS = 2  # planned calls compared (the faster one: a slow moment of the host is not the model's)
+CHECK_WAIT = 16  # calls of other shapes after which a cached model is kept unchecked
+LEARN_TRIES = 4  # timed calls whose serial partner had other shapes, before learning gives up
 
 
 def check_cache_mode(mode) -> str:
@@ -74,15 +79,30 @@ def _machine() -> dict:
     return {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": cpu}
 
 
+def _config_digest(config) -> str | None:
+    """A hash of the model's config where it has a stable JSON form (transformers configs, dataclasses,
+    dicts); None otherwise (the program digest still covers every tensor's name and shape)."""
+    import dataclasses
+    try:
+        if hasattr(config, "to_json_string"):
+            text = config.to_json_string(use_diff=False)
+        elif dataclasses.is_dataclass(config) or isinstance(config, dict):
+            text = json.dumps(dataclasses.asdict(config) if dataclasses.is_dataclass(config) else config,
+                              sort_keys=True)
+        else:
+            return None
+    except Exception:  # a config that does not serialise: leave it out of the key
+        return None
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def cache_key(sm, key: tuple) -> dict:
     """The profile cache key of `sm`'s current program, called with inputs of shape key `key`: every
     thing its costs depend on (see the module docstring)."""
     model = sm.model
-    config = getattr(model, "config", None)
-    config = config.to_json_string(use_diff=False) if hasattr(config, "to_json_string") else repr(config)
     return {"version": CACHE_VERSION, "kind": "session" if hasattr(sm, "session_name") else "stream",
             "model": type(model).__name__, "class": f"{type(model).__module__}.{type(model).__qualname__}",
-            "config": hashlib.sha256(config.encode()).hexdigest()[:16], "weights": sm._weights_identity,
+            "config": _config_digest(getattr(model, "config", None)), "weights": sm._weights_identity,
             "program": program_digest(sm.cap.program), "budget": sm.budget_bytes, "max_unit": sm.max_unit,
             "device": device_signature(sm.device), **_machine(),
             "inputs": [[k, list(shape), dtype] for k, shape, dtype in key],
@@ -119,8 +139,14 @@ def after_call(sm, ex, key: tuple) -> None:
         ex.set_serial(more)
         return
     if key != sm._key_overlapped:  # not comparable with the timed call: time the next one again
-        sm._learning = "overlapped"
         ex.set_serial(False)
+        sm._mismatches += 1
+        if sm._mismatches >= LEARN_TRIES:  # every call another shape (generate() without a KV cache)
+            sm._learning = "done"
+            sm.profile_note = (f"no cost model: {LEARN_TRIES} timed calls in a row were followed by calls of "
+                               "other shapes; the first plan is kept")
+            return
+        sm._learning = "overlapped"
         return
     sm._learning = "done"
     ex.set_serial(False)
@@ -157,33 +183,48 @@ def _from_cache(sm, key: tuple) -> bool:
         return False
     try:
         prof, path = read_cached(cache_key(sm, key))
-    except OSError as e:  # no cache directory to be had: learn as if it were off
-        sm.profile_note = f"profile cache unavailable ({e})"
+        if prof is None or prof.program != sm.cap.program or prof.sizes != sm.sizes:
+            return False
+        adopt(sm, prof.costs)
+    except Exception as e:  # no cache directory, an entry that does not plan: learn as if the cache were off
+        sm.costs = sm.prediction = None
+        sm.profile_note = f"profile cache not used ({type(e).__name__}: {e})"
         return False
-    if prof is None or prof.program != sm.cap.program or prof.sizes != sm.sizes:
-        return False
-    sm._learning = "done" if hasattr(sm, "session_name") else "check"
-    sm._check = (key, 1)  # compare the second planned call of these shapes with the prediction
+    sm._learning = "done" if hasattr(sm, "session_name") else "check"  # (a session re-plans as a whole)
+    sm._check = {"key": _unbucketed(key), "skip": 1, "waited": 0, "ms": []}
     sm.profile_note = f"cost model from the profile cache ({path}), measured earlier: not timed again"
-    adopt(sm, prof.costs)
     return True
 
 
+def _unbucketed(key: tuple) -> tuple:
+    """A shape key without its KV-cache length: the check compares a generate()'s steps of any length."""
+    return tuple(k for k in key if k[0] != "kv_cache_length_bits")
+
+
 def _check_cached(sm, key: tuple) -> None:
-    """A cached cost model is trusted once a planned call confirms it: one whose latency is off the
-    prediction by more than CHECK_TOLERANCE (and CHECK_MIN_MS) is measured again and written over."""
-    want, skip = sm._check
-    if key != want:
-        return  # not comparable: wait for a call of the shapes the prediction is for
-    if skip:
-        sm._check = (want, skip - 1)  # the first call after a re-plan starts with an empty ring
+    """A cached cost model is trusted once planned calls confirm it: the faster of two calls of the
+    adopted shapes off the prediction by more than CHECK_TOLERANCE (and CHECK_MIN_MS) has the model
+    measured again and the cache written over. Calls of other shapes are not compared; after
+    CHECK_WAIT of them the model is kept unchecked."""
+    c = sm._check
+    if c["skip"]:  # the first call after a re-plan starts with an empty ring, whatever its shapes
+        c["skip"] -= 1
         return
-    predicted, measured = sm.prediction.latency_s * 1e3, sm._latencies[-1]
+    if _unbucketed(key) != c["key"]:
+        c["waited"] += 1
+        if c["waited"] >= CHECK_WAIT:
+            sm._learning = "done"
+            sm.profile_note += f"; not checked ({CHECK_WAIT} calls of other shapes)"
+        return
+    c["ms"].append(sm._latencies[-1])
+    if len(c["ms"]) < CHECK_CALLS:
+        return
+    predicted, measured = sm.prediction.latency_s * 1e3, min(c["ms"])
     if abs(measured - predicted) <= max(CHECK_TOLERANCE * predicted, CHECK_MIN_MS):
         sm._learning = "done"
         return
-    sm.profile_note = (f"the cached cost model predicted {predicted:.1f} ms and a planned call took "
-                       f"{measured:.1f} ms: measured again")
+    sm.profile_note = (f"the cached cost model predicted {predicted:.1f} ms and planned calls took "
+                       f"{measured:.1f} ms at best: measured again")
     sm._learning, sm._profile_cache = "overlapped", "refresh"  # time the next calls; write the cache over
 
 
@@ -194,7 +235,7 @@ def _to_cache(sm, key: tuple, costs: CostModel) -> None:
         return
     try:
         path = write_cached(Profile(sm.cap.program, dict(sm.sizes), costs, sm.max_unit, cache_key(sm, key)))
-    except OSError as e:  # a read-only home: the model runs the same, the next stream measures again
+    except Exception as e:  # a read-only home: the model runs the same, the next stream measures again
         sm.profile_note = f"cost model measured by calls 2 and 3; not cached ({e})"
         return
     sm.profile_note = f"cost model measured by calls 2 and 3, kept in {path} for the next stream"

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import struct
@@ -28,6 +29,7 @@ from .meta import build_empty
 from .plan.cost import CostModel
 from .units import Program, TensorRef, Unit
 
+PROFILE_CALLS = 9  # at most: order, check (3), timed and serial again, and two retries of other shapes
 CACHE_VERSION = 3  # 2: gather and block units (units carry a mode); 3: stream()'s own entries, per-unit read bytes. Bump when the JSON's meaning changes: older files are then measured again
 
 
@@ -142,17 +144,20 @@ def profile(spec, weights: str | os.PathLike, budget="25%", device="cpu", max_un
         log(f"  {e.minimum_bytes} bytes is the least this unit cut runs in: profiling there instead")
         sm = stream(build_empty(spec.build), weights, budget=e.minimum_bytes, device=device, max_unit=max_unit,
                     profile_cache=cache)
-    what = ("learning the step order", "timing each step with reads overlapping compute",
-            "timing each step with reads serial: pure compute")
+    doing = {"order": "learning the step order", "overlapped": "timing each step with reads overlapping compute",
+             "pure": "timing each step with reads serial: pure compute",
+             "check": "checking a cached cost model against a planned call"}
     with sm:
         log(f"  streaming at {fmt_bytes(sm.budget_bytes)} in units of at most {fmt_bytes(sm.max_unit)}")
-        for i, doing in enumerate(what):
+        for i in range(PROFILE_CALLS):  # three when measuring; a cached model is checked, maybe measured again
+            stage = sm._learning
             t = time.perf_counter()
             sm(*inputs)
-            log(f"  call {i + 1}/3 ({doing}): {(time.perf_counter() - t) * 1e3:.1f} ms")
-            if sm.costs is not None and i < 2:  # stream() found it in its cache (learn.py)
-                log(f"  {sm.profile_note}")
+            log(f"  call {i + 1} ({doing[stage]}): {(time.perf_counter() - t) * 1e3:.1f} ms")
+            if sm._learning == "done":
                 break
+        if sm.profile_note:
+            log(f"  {sm.profile_note}")
         if sm.costs is None:
             raise ModelError("the timed calls took another order than the first (data-dependent control "
                              "flow), or nothing streams at this budget, so no cost model could be made; "
@@ -201,8 +206,12 @@ def read_cached(key: dict, log=None) -> tuple[Profile | None, Path]:
         return None, path
     try:
         prof = Profile.from_json(text)
-        consistent = (len(prof.costs.compute_s) == len(prof.program.steps)
-                      and set(prof.sizes) == {u.uid for u in prof.program.units})
+        c = prof.costs
+        consistent = (len(c.compute_s) == len(prof.program.steps)
+                      and set(prof.sizes) == {u.uid for u in prof.program.units}
+                      and c.read_bps > 0 and all(math.isfinite(x) and x >= 0 for x in
+                                                 (*c.compute_s, c.pre_s, c.read_bps, c.read_lat_s,
+                                                  c.read_tax_s_per_byte)))
     except Exception as e:  # any malformed content: the file is a cache, measuring again is always right
         if log:
             log(f"profile cache {path} is unreadable ({type(e).__name__}: {e}): measuring again")
@@ -214,6 +223,15 @@ def read_cached(key: dict, log=None) -> tuple[Profile | None, Path]:
     return prof, path
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it (os.umask would, for every thread, a moment)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(ln.split()[1], 8) for ln in f if ln.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        return 0o022
+
+
 def write_cached(prof: Profile) -> Path:
     """Keep `prof` under its key; written whole or not at all (a reader never sees half a file, and
     writers in several threads or processes each write their own temporary file)."""
@@ -221,6 +239,7 @@ def write_cached(prof: Profile) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem + ".", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # as an open() would have made it (mkstemp makes 0600)
         with os.fdopen(fd, "w") as f:
             f.write(prof.to_json())
         os.replace(tmp, path)

@@ -110,13 +110,14 @@ def prepare(wl: WorkloadFile, budget: str | int | None = None) -> Prepared:
     return Prepared(specs, files, built, weights, session_budget(budget or wl.budget, weights), inputs)
 
 
-def open_session(wl: WorkloadFile, p: Prepared):
-    """The session the workload file declares, every model added (the caller closes it)."""
+def open_session(wl: WorkloadFile, p: Prepared, profile_cache: str = "on"):
+    """The session the workload file declares, every model added (the caller closes it). A benchmark
+    passes profile_cache="refresh": it measures, whatever an earlier run left in the cache."""
     from .session import Session
     s = Session(p.budget_bytes, wl.device, workload=list(wl.order), cycle=wl.cycle)
     try:
         for m in wl.models:
-            s.add(m.name, p.built[m.name], p.files[m.name], max_unit=m.max_unit)
+            s.add(m.name, p.built[m.name], p.files[m.name], max_unit=m.max_unit, profile_cache=profile_cache)
     except BaseException:
         s.close()
         raise

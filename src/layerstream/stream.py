@@ -113,7 +113,8 @@ class StreamedModel(nn.Module):
         self._profile_cache = learn.check_cache_mode(profile_cache)
         self._weights_identity = learn.weights_identity(self.index) if self._profile_cache != "off" else None
         self.profile_note = ""  # where the cost model came from, once there is one
-        self._check = None  # (shape key, calls to skip) of the planned call that checks a cached cost model
+        self._check = None  # how the planned calls check a cached cost model (learn._check_cached)
+        self._mismatches = 0  # timed calls whose serial partner had other shapes (learn.LEARN_TRIES)
         self.costs: CostModel | None = None
         self._profile_bps = 0.0
         self._overlapped: CostModel | None = None
