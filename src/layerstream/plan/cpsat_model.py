@@ -1,0 +1,247 @@
+"""The CP-SAT model of one warm call that the exact planner (cpsat.py) solves, and the bound it proves.
+
+The model (OR-Tools CP-SAT; times in integer quanta of the call's serial worst case / RESOLUTION):
+  - a Boolean per unit the call uses: resident or streamed (pinned units are always resident);
+  - per step, a compute of its length slowed by the call's read tax (linear in the Booleans: the tax
+    grows with the bytes the streamed units read), one after another, the call's period T after the
+    last;
+  - per streamed step, an optional read interval (present iff its unit streams), as long as reading
+    the bytes its load reads (`CostModel.read_bytes`: less than the slot for int8 and gather units),
+    that ends before its compute starts and starts no earlier than a period before that (the runtime
+    reads at most one call ahead); reads share one no-overlap channel (the disk serves one read at a
+    time), in step order, the next call's first read after this call's last;
+  - per streamed step, an optional memory interval of its slot bytes from its read's start to its
+    compute's end, and per resident unit one over the whole horizon, under a cumulative constraint:
+    the arena's bytes in use never exceed the budget;
+  - every read and memory interval also shifted by T, so the next call's loads that start during
+    this call's tail (as they do in steady state) count against this call's disk time and memory;
+  - objective: minimise T, the period of the steady state of repeated calls (a warm call's latency).
+
+What its lower bound means. Every periodic schedule the runtime could follow with a resident set and
+a ring is a solution of this model, so the model's optimum is a lower bound on the warm latency of
+*any* plan under the budget, as the simulator predicts it in steady state. It is a relaxation: it
+allows any placement of loaded bytes (the ring's fixed offsets may not fit a schedule the cumulative
+allows), and reads may start before their ring bytes are freed in FIFO order. Durations are
+rounded down to whole quanta and shortened by one (so that rounding can never make a real schedule
+infeasible here), so the bound is low by at most a quantum per step, and by about one more per
+streamed step for the read tax (each unit's tax is rounded down to whole quanta). The bound is
+CP-SAT's proven bound on the model's optimum, so when the solver stops at its time limit it is weaker
+still, and it says nothing about the disk or the device being slower than the cost model says. The simulator reports the third of three back-to-back calls, which
+a plan with a slow start may not have settled by; the bound is for the settled state.
+
+OR-Tools is never imported here: the planner passes its `cp_model` module in.
+"""
+from __future__ import annotations
+
+import math
+
+from ..units import Program
+from .cost import CostModel
+from .simulate import timeline
+from .types import Plan
+
+# Time quanta per greedy's predicted latency: QUANTA_PER_STEP per step, so that the quantum a rounded
+# interval loses per step adds up to about 1% over a call; coarser proves faster, finer bounds tighter.
+QUANTA_PER_STEP = 100
+RESOLUTION_MIN, RESOLUTION_MAX = 1_000, 200_000
+WINDOW_STEPS = 40  # up to this many steps, a window cut for every pair of steps (beyond: presolve outgrows them)
+WINDOW_SPAN = 24  # beyond, a window cut for every pair at most this many steps apart
+TAX_SHARE_SCALE = 1_000_000  # a step's share of the call's compute, in millionths (integer coefficients)
+
+
+class CpsatModel:
+    """The CP-SAT variables of one call of `program` under `budget` (see the module docstring)."""
+
+    def __init__(self, cp_model, program: Program, sizes: dict[int, int], costs: CostModel, budget: int,
+                 upper_s: float):
+        m = self.m = cp_model.CpModel()
+        steps = program.steps
+        pinned = {u.uid for u in program.units if u.pinned}
+        self.units = sorted({u for u in steps if u not in pinned})
+        cap = budget - sum(sizes[u] for u in pinned)
+        resolution = max(RESOLUTION_MIN, min(RESOLUTION_MAX, QUANTA_PER_STEP * len(steps)))
+        self.q = q = max(upper_s, 1e-9) / resolution  # seconds per quantum
+        H = 2 * resolution + 2  # the optimum is below the greedy plan's `upper_s`, with room to spare
+
+        def quanta(seconds: float) -> int:  # rounded down
+            return int(seconds / q)
+
+        def shortened(seconds: float) -> int:  # and one less, where shifted copies meet: see the module doc
+            return max(0, int(seconds / q) - 1)
+
+        self.T = m.new_int_var(0, H, "T")
+        self.res = {u: m.new_bool_var(f"res{u}") for u in self.units}
+        # The read tax: a call's compute is slowed by the bytes its loads read (`CostModel.compute_scale`),
+        # so every step's compute is `c * (1 + X / C)`, X the call's tax and C its pure compute. X is linear
+        # in the residency Booleans, so each step's duration is bounded below by a linear constraint.
+        # Reads are timed and taxed by the bytes a load reads; memory is held in slot bytes (`sizes`).
+        self.read = read = {u: costs.unit_read_bytes(u, sizes[u]) for u in self.units}
+        tax = {u: quanta(costs.read_tax_s_per_byte * read[u]) for u in self.units}
+        taxq = sum(tax[u] * (1 - self.res[u]) for u in steps if u in self.res)  # X in quanta, rounded down
+        total = costs.compute_total_s
+
+        def taxed(seconds: float, name: str):
+            """A compute of `seconds` slowed by the call's tax, in quanta: rounded down so that every real
+            schedule keeps it (d >= floor(c/q) + floor(share * X/q), share <= c/C in millionths)."""
+            base = quanta(seconds)
+            share = int(seconds / total * TAX_SHARE_SCALE) if total > 0 else 0
+            if share == 0 or not any(tax.values()):
+                return base
+            d = m.new_int_var(base, H, name)
+            m.add(d * TAX_SHARE_SCALE >= base * TAX_SHARE_SCALE + share * taxq - (TAX_SHARE_SCALE - 1))
+            return d
+
+        self.dur = [taxed(c, f"d{i}") for i, c in enumerate(costs.compute_s)]
+        self.held_dur = [shortened(c) for c in costs.compute_s]  # a load's bytes are held until its compute ends
+        for i, d in enumerate(self.dur):
+            if not isinstance(d, int):  # taxed: held for the taxed compute, shortened by one as above
+                held = m.new_int_var(self.held_dur[i], H, f"h{i}")
+                m.add(held >= d - 1)
+                self.held_dur[i] = held
+        self.c = [m.new_int_var(0, H, f"c{i}") for i in range(len(steps))]
+        if steps:
+            m.add(self.c[0] >= taxed(costs.pre_s, "pre"))
+            for i in range(1, len(steps)):
+                m.add(self.c[i] >= self.c[i - 1] + self.dur[i - 1])
+            m.add(self.T >= self.c[-1] + self.dur[-1])
+        # Redundant: all compute and the whole tax.
+        m.add(self.T >= quanta(total) + taxq)
+        self.r: dict[int, object] = {}  # step -> read start (this call's frame; negative: the previous call)
+        self.rd: dict[int, int] = {}
+        reads, memory, demands = [], [], []
+        for u in self.units:  # resident units hold their bytes over the whole horizon
+            memory.append(m.new_optional_fixed_size_interval_var(-H, 3 * H + 1, self.res[u], f"R{u}"))
+            demands.append(sizes[u])
+        streamed_steps = self.streamed_steps = [i for i, u in enumerate(steps) if u in self.res]
+        for i in streamed_steps:
+            u = steps[i]
+            on = self.res[u].Not()
+            rd = self.rd[i] = shortened(costs.read_s(read[u]))
+            r = self.r[i] = m.new_int_var(-H, H, f"r{i}")
+            r2 = m.new_int_var(-H, 2 * H, f"r{i}+T")  # the next call's read of this step
+            m.add(r2 == r + self.T)
+            m.add(r + rd <= self.c[i]).only_enforce_if(on)
+            m.add(r >= self.c[i] - self.T - 1).only_enforce_if(on)  # at most one call ahead
+            reads += [m.new_optional_fixed_size_interval_var(r, rd, on, f"L{i}"),
+                      m.new_optional_fixed_size_interval_var(r2, rd, on, f"L{i}+T")]
+            held = m.new_int_var(0, 2 * H, f"held{i}")  # bytes held from the read's start to the compute's end
+            e2 = m.new_int_var(-H, 4 * H, f"e{i}+T")
+            end = self.c[i] + self.held_dur[i]
+            if not isinstance(self.held_dur[i], int):  # an interval's end must be one variable
+                e1 = m.new_int_var(-H, 4 * H, f"e{i}")
+                m.add(e1 == end)
+                end = e1
+            memory += [m.new_optional_interval_var(r, held, end, on, f"M{i}"),
+                       m.new_optional_interval_var(r2, held, e2, on, f"M{i}+T")]
+            demands += [sizes[u], sizes[u]]
+        m.add_no_overlap(reads)
+        if memory:
+            m.add_cumulative(memory, demands, cap)
+        # Reads in step order (the runtime issues loads in order and the disk serves them FIFO): f[k]
+        # is at least the end of every read up to streamed step k; the next call's reads follow f[-1].
+        self.f = [m.new_int_var(-H, H, f"f{k}") for k in range(len(streamed_steps))]
+        if streamed_steps:
+            f0 = m.new_int_var(-H, H, "f_prev_call")
+            m.add(f0 + self.T >= self.f[-1])
+            prev = f0
+            for k, i in enumerate(streamed_steps):
+                on = self.res[steps[i]].Not()
+                m.add(self.f[k] >= prev)
+                m.add(self.f[k] >= self.r[i] + self.rd[i]).only_enforce_if(on)
+                m.add(self.r[i] >= prev).only_enforce_if(on)
+                prev = self.f[k]
+        # Redundant: the ring holds every streamed unit beside the resident ones (one at a time at least).
+        resident_bytes = m.new_int_var(0, sum(sizes[u] for u in self.units), "resident_bytes")
+        m.add(resident_bytes == sum(sizes[u] * self.res[u] for u in self.units))
+        for u in self.units:
+            m.add(resident_bytes + sizes[u] * (1 - self.res[u]) <= cap)
+        self._add_windows(program, sizes, costs, cap, quanta)
+        # Redundant, for the bound: the disk reads every streamed step within one period.
+        m.add(self.T >= sum(quanta(costs.read_s(read[steps[i]])) * (1 - self.res[steps[i]]) for i in streamed_steps))
+        m.minimize(self.T)
+
+    def _add_windows(self, program: Program, sizes: dict[int, int], costs: CostModel, cap: int, quanta) -> None:
+        """Redundant cuts that make the bound strong early: reads between two computes, less what fit the ring.
+
+        Between the starts of steps a and b the disk reads every streamed load of steps a+1..b but those
+        whose read began before step a started; those were all held at that moment beside step a's own
+        load, so their slot bytes fit the ring (the budget less the resident slots less step a's), and
+        the time they saved is at most the bytes they read over the read speed plus one read latency
+        each. A load reads at most `ratio` times its slot (the most any unit reads per slot byte: 1 when
+        every unit reads its slot, about 1/4 when all are int8), so the bytes they read are at most
+        `ratio` times the ring's: the slot terms below are scaled by it. Terms are rounded so that every
+        real schedule still satisfies the integer cut.
+        """
+        m, steps, q = self.m, program.steps, self.q
+        if not self.streamed_steps:
+            return
+        if any(self.read[u] and not sizes[u] for u in self.units):
+            return  # a read with no slot: no ratio bounds it, so no window cut is sure to hold
+        ratio = max((self.read[u] / sizes[u] for u in self.units if sizes[u]), default=1.0)
+        if ratio != 1.0:
+            ratio *= 1 + 1e-9  # so that float rounding never puts a unit's read above ratio x its slot
+        # a unit's slot bytes x ratio, in read quanta (rounded down, with `held`: a smaller right side)
+        w = {u: int(ratio * sizes[u] / (costs.read_bps * q)) for u in self.units}
+        held = m.new_int_var(0, sum(w.values()), "resident_read_quanta")
+        m.add(held == sum(w[u] * self.res[u] for u in self.units))
+        ring = math.ceil(ratio * cap / (costs.read_bps * q))  # the whole budget's, in read quanta, rounded up
+        full = {i: quanta(costs.read_s(self.read[steps[i]])) for i in self.streamed_steps}
+        span = len(steps) if len(steps) <= WINDOW_STEPS else WINDOW_SPAN
+        for a in range(len(steps)):
+            mine = w[steps[a]] * (1 - self.res[steps[a]]) if steps[a] in self.res else 0
+            reads, n = [], 0
+            for b in range(a + 1, min(len(steps), a + 1 + span)):
+                if steps[b] in self.res:
+                    reads.append(full[b] * (1 - self.res[steps[b]]))
+                    n += 1
+                    lat = math.ceil(costs.read_lat_s * n / q)
+                    m.add(self.c[b] - self.c[a] + 1 >= sum(reads) - lat - ring + held + mine)
+
+    def hint(self, program: Program, sizes: dict[int, int], costs: CostModel, plan: Plan) -> None:
+        """Start the search from `plan`'s simulated schedule (its last call)."""
+        tl = timeline(program, sizes, costs, plan)
+        m, q, t0 = self.m, self.q, tl.call_start_s
+        resident = plan.resident_ids
+        for u, v in self.res.items():
+            m.add_hint(v, u in resident)
+        for i, c in enumerate(self.c):
+            m.add_hint(c, int((tl.compute_start_s[i] - t0) / q))
+        m.add_hint(self.T, int(tl.latency_s / q))
+        prev_end = None
+        for k, i in enumerate(self.streamed_steps):
+            j = tl.load_of_step[i]
+            if j >= 0:
+                r = int((tl.read_start_s[j] - t0) / q)
+                m.add_hint(self.r[i], r)
+                prev_end = max(prev_end or r, r + self.rd[i])
+            if prev_end is not None:
+                m.add_hint(self.f[k], prev_end)
+
+    def peak_load_bytes(self, value, sizes: dict[int, int], steps: tuple[int, ...]) -> int:
+        """The most bytes of loads a solution holds at once (its ring need), over one period.
+
+        `value` reads a variable of the solution (a solver's or a solution callback's `value`).
+        """
+        T = value(self.T)
+        events = []
+        for i in self.streamed_steps:
+            if value(self.res[steps[i]]):
+                continue
+            s, e = value(self.r[i]), value(self.c[i]) + _value(value, self.held_dur[i])
+            for shift in (0, T):
+                events += [(s + shift, sizes[steps[i]]), (e + shift, -sizes[steps[i]])]
+        live = peak = 0
+        for _, d in sorted(events, key=lambda x: (x[0], x[1])):
+            live += d
+            peak = max(peak, live)
+        return peak
+
+    def solution(self, value, sizes: dict[int, int], steps: tuple[int, ...]) -> tuple[frozenset[int], int]:
+        """(resident set, ring need) of a solution."""
+        resident = frozenset(u for u in self.units if value(self.res[u]))
+        return resident, self.peak_load_bytes(value, sizes, steps)
+
+
+def _value(value, x) -> int:
+    """A solution's value of `x`, a variable or a constant."""
+    return x if isinstance(x, int) else value(x)
