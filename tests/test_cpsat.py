@@ -85,17 +85,29 @@ def test_cpsat_times_reads_by_the_bytes_read_and_holds_slots():
     assert 4.0 * 0.99 <= bound <= 4.0
 
 
-def test_cpsat_bound_counts_the_read_tax_in_every_step():
-    # test_cpsat_bound_is_tight's two units, with a read tax of 0.05 s per page read: the call reads
-    # 20 pages, so compute runs 1 + 1.0/2.0 = 1.5x slower: read, compute, read, compute is
-    # 2 x (1.5 + 1.5) = 6.0 s. Charging the tax to the call as a whole (T >= 2.0 + 1.0) and the reads
-    # between untaxed computes (5.0) gave a bound of 5.0; taxing each step's compute gives 6.0.
+def test_cpsat_bound_counts_the_read_tax_where_reads_overlap_compute():
+    # Compute runs four times as slow while the disk reads (read_slowdown 3: k = 3/4 of each overlapped
+    # second is lost). Units of 2, 10 and 2 pages, 2.0 s of compute each, read at 8 pages/s (a small
+    # unit in 0.25 s); 12 pages hold the large unit and a 2-page ring. The small units share the ring:
+    # unit 2's read waits for unit 0's release and runs beside step 1 (0.25 s slowed does 0.0625 s of
+    # work: 2.1875 s), the next call's unit 0 waits for unit 2's release (a 0.25 s stall): 0.25 + 2.0
+    # + 2.1875 + 2.0 = 6.4375 s (streaming the large unit is slower: 7.1875 s and more). The order of
+    # reads alone bounds a call by 6.25; the tax's cut T >= 6.0 + k x 0.5 raises that to 6.375.
+    prog = program((0, 1, 2), 3)
+    sizes = {0: 2 * P, 1: 10 * P, 2: 2 * P}
+    costs = CostModel((2.0, 2.0, 2.0), 0.0, read_bps=8 * P, read_lat_s=0.0, read_slowdown=3.0)
+    plan, pred, bound, status = plan_cpsat(prog, sizes, costs, 12 * P, time_limit_s=5, workers=1)
+    assert status == "optimal" and plan.resident_ids == {1} and pred.latency_s == 6.4375
+    assert 6.375 * 0.99 <= bound <= 6.375
+    # test_cpsat_bound_is_tight's two units through one slot: each read waits for the other unit's
+    # release, so no read ever overlaps compute and nothing is taxed: 5.0 s, and the bound is 5.0
+    # (charging the tax per byte read, as the cost model once did, predicted 6.0).
     prog = program((0, 1), 2)
     sizes = {0: 10 * P, 1: 10 * P}
-    costs = CostModel((1.0, 1.0), 0.0, read_bps=10 * P, read_lat_s=0.5, read_tax_s_per_byte=0.05 / P)
+    costs = CostModel((1.0, 1.0), 0.0, read_bps=10 * P, read_lat_s=0.5, read_slowdown=1.0)
     plan, pred, bound, status = plan_cpsat(prog, sizes, costs, 10 * P, time_limit_s=5, workers=1)
-    assert status == "optimal" and abs(pred.latency_s - 6.0) < 1e-9
-    assert 6.0 * 0.99 <= bound <= 6.0 + 1e-9
+    assert status == "optimal" and pred.latency_s == 5.0
+    assert 5.0 * 0.99 <= bound <= 5.0
 
 
 def test_cpsat_stops_at_once_when_greedy_is_pure_compute():

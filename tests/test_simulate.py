@@ -116,29 +116,52 @@ def test_a_load_is_timed_by_the_bytes_it_reads_and_holds_its_slot():
     cold = simulate(prog, sizes, costs, plan, calls=1)
     assert (cold.latency_s, cold.stalls_s) == (2.5, (0, 0.25, 0))
     assert simulate(prog, sizes, by_slot, plan).latency_s == 2.75
-    assert timeline(prog, sizes, costs, plan).load_bytes == (10 * P,) * 3  # what each load holds
+    # what each load holds: the three calls' and the fourth call's, issued in the third's tail
+    assert timeline(prog, sizes, costs, plan).load_bytes == (10 * P,) * 4
 
 
-def test_read_tax_is_charged_per_byte_read_not_per_slot_byte():
-    # Compute 0.5 + 1.0 + 0.5 = 2.0 s, no pre; s reads 4 pages of its 10-page slot per call and each
-    # byte read costs 2^-15 s of compute (0.125 s a page): 0.5 s more over 2.0 s, compute x 1.25 ->
-    # 0.625, 1.25, 0.625. The 1.0 s read hides behind r2 + r0 (1.25 s): latency 2.5 = 2.0 x 1.25 (by
-    # slot the tax would be 1.25 s: x 1.625).
+def test_compute_slows_only_while_the_disk_reads():
+    # test_a_load_is_timed_by_the_bytes_it_reads...'s plan (s reads 4 pages of its 10-page slot: 1.0 s),
+    # no pre, compute 0.5 + 1.0 + 0.5, and compute twice as slow while the disk reads (slowdown 1).
+    #   cold call: s reads 0 -> 1.0 beside r0 (0.5 s of work takes 1.0); s computes alone 1.0 -> 2.0;
+    #       then s's next load is issued (its slot is free, it is one call ahead) and reads 2.0 -> 3.0
+    #       beside r2, which takes 1.0: 3.0 s.
+    #   warm: r0 and s compute alone (0.5 + 1.0), r2 beside the next read (1.0): 2.5 s, stall-free.
+    # Slowdown 3 (four times as slow): r2 does 0.25 s of work in the read's 1.0 s, then 0.25 s alone:
+    # 1.25, so a warm call is 0.5 + 1.0 + 1.25 = 2.75. Charged by the slot (1.75 s read) it is slower.
     prog = program((0, 1, 2), 3)
     sizes = {0: P, 1: 10 * P, 2: P}
-    costs = with_read_bytes(CostModel((0.5, 1.0, 0.5), 0.0, read_bps=8 * P, read_lat_s=0.5,
-                                      read_tax_s_per_byte=0.125 / P), sizes, {1: 4 * P})
+    by_slot = CostModel((0.5, 1.0, 0.5), 0.0, read_bps=8 * P, read_lat_s=0.5, read_slowdown=1.0)
+    costs = with_read_bytes(by_slot, sizes, {1: 4 * P})
     plan = Plan(12 * P, ((0, 0), (2, P)), 2 * P, 10 * P, ((1, 0),))
+    cold = simulate(prog, sizes, costs, plan, calls=1)
+    assert (cold.latency_s, cold.stalls_s) == (3.0, (0, 0, 0))
+    assert timeline(prog, sizes, costs, plan, calls=1).compute_s == 3.0  # every second computes
     warm = simulate(prog, sizes, costs, plan)
-    assert warm.latency_s == 2.5 and warm.stall_s == 0.0
-    assert warm.latency_s == costs.compute_total_s * costs.compute_scale(4 * P)
+    assert (warm.latency_s, warm.stalls_s) == (2.5, (0, 0, 0))
+    assert timeline(prog, sizes, costs, plan).compute_s == 2.5
+    assert simulate(prog, sizes, replace(costs, read_slowdown=3.0), plan).latency_s == 2.75
+    assert simulate(prog, sizes, by_slot, plan).latency_s > 2.5
+
+
+def test_reads_beside_a_stall_cost_no_compute():
+    # test_cpsat_bound_is_tight's two units through one 10-page slot: each read (1.5 s) waits for the
+    # other unit's release, so the disk only ever reads while compute waits: read, compute, read,
+    # compute is 5.0 s at any slowdown.
+    prog = program((0, 1), 2)
+    sizes = {0: 10 * P, 1: 10 * P}
+    costs = CostModel((1.0, 1.0), 0.0, read_bps=10 * P, read_lat_s=0.5)
+    plan = plan_fill(prog, sizes, 10 * P)
+    for x in (0.0, 1.0, 4.0):
+        warm = simulate(prog, sizes, replace(costs, read_slowdown=x), plan)
+        assert (warm.latency_s, warm.stalls_s) == (5.0, (1.5, 1.5))
 
 
 def test_read_bytes_equal_to_the_slots_predict_as_before():
     # Listed or not, a unit that reads its slot is charged the same: every prediction is unchanged.
     prog = program((0, 1), 2)
     sizes = {0: 10 * P, 1: 10 * P}
-    costs = CostModel((1.0, 1.0), 0.0, read_bps=10 * P, read_lat_s=0.5, read_tax_s_per_byte=1e-9)
+    costs = CostModel((1.0, 1.0), 0.0, read_bps=10 * P, read_lat_s=0.5, read_slowdown=0.5)
     assert with_read_bytes(costs, sizes, sizes) == costs  # entries equal to the slot are dropped
     listed = replace(costs, read_bytes=((0, 10 * P), (1, 10 * P)))
     for plan in (plan_fill(prog, sizes, 10 * P), Plan(20 * P, (), 0, 20 * P, ((0, 0), (1, 10 * P)))):

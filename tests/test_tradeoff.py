@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -64,16 +65,28 @@ def test_sweep_counts_the_bytes_read_and_bounds_by_them():
     assert f.points[0].streamed_bytes == read  # the minimum budget streams every unit
 
 
-def test_read_tax_is_the_compute_that_reading_cost():
-    from layerstream.plan.cost import with_read_tax
-    pure = CostModel((0.1, 0.2), 0.0, read_bps=1e9)
-    overlapped = CostModel((0.15, 0.25), 0.0, read_bps=2e9)  # 0.1 s more while reading 100 MB
-    costs = with_read_tax(overlapped, pure, 100 * 10**6)
-    assert costs.compute_s == (0.1, 0.2) and costs.read_bps == 2e9
-    assert abs(costs.read_tax_s_per_byte - 1e-9) < 1e-18
-    assert abs(costs.compute_scale(100 * 10**6) - (1 + 0.1 / 0.3)) < 1e-12
-    assert costs.compute_scale(0) == 1.0
-    assert with_read_tax(pure, overlapped, 10**6).read_tax_s_per_byte == 0.0  # never negative
+def test_calibration_finds_the_slowdown_and_speed_a_timed_call_had():
+    # A call timed under the fill plan with compute 1.5x slower while reading and a disk at 60% of the
+    # probed speed: from the serial call's compute and the probed speed, `calibrate` recovers both.
+    # (The call must wait for reads: one that never stalls is explained as well by the probed speed and
+    # a larger slowdown, and calibration keeps the probe then.)
+    from layerstream.plan import plan_fill
+    from layerstream.plan.calibrate import calibrate
+    from layerstream.plan.simulate import timeline
+    mb = 2**20  # eight 1 MiB units of 1 ms compute each, read at 1 GB/s (1 ms each) when probed
+    units = tuple(Unit(i, f"u{i}", (f"u{i}",), (f"t{i}",), mb) for i in range(8))
+    program, sizes = Program(units, tuple(range(8)), ()), {i: mb for i in range(8)}
+    pure = CostModel((0.001,) * 8, 0.0005, read_bps=1e9)
+    plan = plan_fill(program, sizes, 4 * mb)
+    assert plan.loads
+    true = replace(pure, read_bps=0.6 * pure.read_bps, read_slowdown=0.5)
+    tl = timeline(program, sizes, true, plan, calls=1)
+    assert tl.compute_s > pure.compute_total_s and tl.latency_s > tl.compute_s  # reads overlapped, and stalled
+    costs = calibrate(program, sizes, pure, plan, tl.latency_s, tl.compute_s)
+    assert abs(costs.read_slowdown - 0.5) < 0.02 and abs(costs.read_bps / true.read_bps - 1) < 0.02
+    assert costs.compute_s == pure.compute_s
+    # a timed call that computed no longer than the serial one: no tax (never negative)
+    assert calibrate(program, sizes, pure, plan, tl.latency_s, pure.compute_total_s * 0.9).read_slowdown == 0.0
     assert CostModel.from_json(costs.to_json()) == costs
 
 

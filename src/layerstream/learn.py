@@ -3,8 +3,8 @@
 Call 1 runs the registration-order guess; units are merged along the order it really took. Call 2
 runs that program with reads overlapping compute and is timed step by step. Call 3 runs it serially
 (each read only when compute asks), so its steps time pure compute; the difference is the compute
-that reading costs (the read tax). With the reader's speed, calibrated so the simulator reproduces
-call 2, that makes the cost model; the greedy planner's plan replaces the fill plan if the simulator
+that reading costs (the read tax, modelled as a slowdown while the disk reads). With the reader's
+speed, the slowdown and speed fitted so the simulator reproduces call 2, that makes the cost model; the greedy planner's plan replaces the fill plan if the simulator
 predicts it faster. Calls 2 and 3 must have the same input shapes (`key`) to be compared:
 generate()'s prefill and decoding steps differ, so a serial call whose shapes differ from the timed
 one's is thrown away and the next call is timed again.
@@ -34,8 +34,8 @@ from .capture import fuse
 from .checkpoint import shard_paths
 from .measure import disk_read_bps
 from .plan import plan_fill
-from .plan.calibrate import calibrate_read_bps
-from .plan.cost import CostModel, costs_from_record, with_read_bytes, with_read_tax
+from .plan.calibrate import calibrate
+from .plan.cost import CostModel, costs_from_record, with_read_bytes
 from .plan.greedy import plan_greedy
 from .plan.simulate import simulate
 from .profile import (CACHE_VERSION, Profile, device_signature, program_digest, read_cached, weight_identity,
@@ -157,9 +157,8 @@ def after_call(sm, ex, key: tuple) -> None:
     # gather unit nothing ahead (its rows are read inside its forward, resident or not, so they are in
     # that step's measured compute). Read times, the tax and the calibration all use these bytes.
     reads = {u: lay.read_nbytes for u, lay in sm.layouts.items()}
-    streamed = sum(reads[u] for u, _ in sm.plan.loads)  # the tax is per byte read
-    costs = with_read_bytes(with_read_tax(sm._overlapped, pure, streamed), sm.sizes, reads)
-    costs = calibrate_read_bps(sm.cap.program, sm.sizes, costs, sm.plan, sm._overlapped_s)
+    costs = with_read_bytes(pure, sm.sizes, reads)
+    costs = calibrate(sm.cap.program, sm.sizes, costs, sm.plan, sm._overlapped_s, sm._overlapped.compute_total_s)
     _to_cache(sm, key, costs)
     adopt(sm, costs)
 

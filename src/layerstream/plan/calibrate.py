@@ -1,18 +1,24 @@
-"""Fit the cost model's read speed to a call that was really run.
+"""Fit the cost model's read speed and read slowdown to a call that was really run.
 
 A short read-speed probe reads bytes that the first calls just read, so on a machine whose host caches
 the file it reports the cache's speed (seen on the GPU machine: 2.4 GB/s probed, 1.45 GB/s while
 streaming a 3 GB model whose reads cycle through more than the cache holds). The timed call itself
 says how fast the disk was: if it took longer than the simulator predicts at the probed speed, the
 read speed that reproduces it is the one to plan with.
+
+The read slowdown (compute's, while the disk reads) is what makes the timed call's compute longer than
+the serial call's: the slowdown at which the simulated call computes as long as the timed one did.
+It is fitted against the time that call's reads really overlapped its compute, not its bytes, so a
+plan whose reads fall in stalls is not charged for them. The two fits depend on each other (a slower
+disk overlaps more compute), so `calibrate` alternates them.
 """
 from __future__ import annotations
 
 from dataclasses import replace
 
 from ..units import Program
-from .cost import CostModel
-from .simulate import simulate
+from .cost import MAX_SLOWDOWN, CostModel
+from .simulate import simulate, timeline
 from .types import Plan
 
 
@@ -40,3 +46,35 @@ def calibrate_read_bps(program: Program, sizes: dict[int, int], costs: CostModel
         else:
             hi = mid
     return replace(costs, read_bps=hi)
+
+
+def fit_read_slowdown(program: Program, sizes: dict[int, int], costs: CostModel, plan: Plan,
+                      measured_compute_s: float, iterations: int = 40) -> CostModel:
+    """`costs` (pure compute times) with the read slowdown at which simulating `plan` for one call (no
+    warm-up) computes for `measured_compute_s` in all (its pre and every step, waits for reads left out)."""
+    def computed(x: float) -> float:
+        return timeline(program, sizes, replace(costs, read_slowdown=x), plan, calls=1).compute_s
+
+    if not plan.loads or computed(0.0) >= measured_compute_s:
+        return replace(costs, read_slowdown=0.0)
+    if computed(MAX_SLOWDOWN) <= measured_compute_s:
+        return replace(costs, read_slowdown=MAX_SLOWDOWN)
+    lo, hi = 0.0, MAX_SLOWDOWN  # computed(lo) < measured <= computed(hi): compute grows with the slowdown
+    for _ in range(iterations):
+        mid = (lo + hi) / 2
+        if computed(mid) < measured_compute_s:
+            lo = mid
+        else:
+            hi = mid
+    return replace(costs, read_slowdown=(lo + hi) / 2)
+
+
+def calibrate(program: Program, sizes: dict[int, int], pure: CostModel, plan: Plan, measured_s: float,
+              measured_compute_s: float, rounds: int = 3) -> CostModel:
+    """`pure` (compute times from a serial call, read speed probed) fitted to a timed call of `plan` that
+    took `measured_s` and computed for `measured_compute_s`: its read slowdown and read speed."""
+    costs = pure
+    for _ in range(rounds):
+        costs = fit_read_slowdown(program, sizes, costs, plan, measured_compute_s)
+        costs = calibrate_read_bps(program, sizes, replace(costs, read_bps=pure.read_bps), plan, measured_s)
+    return costs

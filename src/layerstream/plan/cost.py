@@ -20,6 +20,8 @@ from functools import cached_property
 
 from ..units import Program
 
+MAX_SLOWDOWN = 20.0  # compute 21x slower while reading: beyond it, a measured tax is noise, not a host
+
 
 @dataclass(frozen=True)
 class CostModel:
@@ -27,10 +29,11 @@ class CostModel:
     pre_s: float  # compute in a call before its first step
     read_bps: float  # bytes per second of the reader on this file
     read_lat_s: float = 1e-4  # fixed cost per load
-    # Compute slowed per byte read meanwhile. On the 2-vCPU development VM the host steals ~30% of each
-    # vCPU while its virtual disk reads (benchmarks/io_tax.py): 0.4-0.7 ms per MB at 0.6-1 GB/s. That
-    # is a slowdown per second of reading, charged here per byte at the speed the learning calls saw.
-    read_tax_s_per_byte: float = 0.0
+    # Compute runs (1 + read_slowdown) times slower while the disk is reading. On the 2-vCPU development
+    # VM the host steals ~30% of each vCPU while its virtual disk reads (benchmarks/io_tax.py: compute
+    # 1.6-1.7x slower at every chunk size and read speed), so the tax is a slowdown per second of disk
+    # activity: compute that overlaps no read pays nothing, whatever the call reads in all.
+    read_slowdown: float = 0.0
     # (unit id, bytes one load of it reads), sorted, for units whose read is not their slot: int8 units
     # and gather units (UnitLayout.read_nbytes: their extents; none for a gather unit). Others: the slot.
     read_bytes: tuple[tuple[int, int], ...] = ()
@@ -58,10 +61,14 @@ class CostModel:
     def compute_total_s(self) -> float:
         return self.pre_s + sum(self.compute_s)
 
-    def compute_scale(self, read_nbytes: int) -> float:
-        """How much slower compute runs while `read_nbytes` are read per call (bytes read, not slots)."""
-        total = self.compute_total_s
-        return 1.0 + (self.read_tax_s_per_byte * read_nbytes / total if total > 0 else 0.0)
+    @property
+    def read_tax_s_per_byte(self) -> float:
+        """The compute one byte read costs when its read overlaps compute throughout: while the disk reads
+        a byte (1/read_bps s), compute does 1/(1+x) of that time's work. A steady state's latency is at
+        least its compute plus this for every byte it reads (see plan/cpsat_model.py), so it is the
+        tax per byte a planner that cannot time each read against each step charges."""
+        x = self.read_slowdown
+        return x / ((1.0 + x) * self.read_bps) if self.read_bps > 0 else 0.0
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -69,7 +76,11 @@ class CostModel:
     @classmethod
     def from_json(cls, text: str) -> "CostModel":
         d = json.loads(text)
-        return cls(tuple(d["compute_s"]), d["pre_s"], d["read_bps"], d["read_lat_s"], d.get("read_tax_s_per_byte", 0.0),
+        slowdown = d.get("read_slowdown")
+        if slowdown is None:  # saved before the tax was a slowdown: it was a cost per byte read
+            k = d.get("read_tax_s_per_byte", 0.0) * d["read_bps"]  # the share of compute lost while reading
+            slowdown = k / (1.0 - k) if k < 1.0 else MAX_SLOWDOWN
+        return cls(tuple(d["compute_s"]), d["pre_s"], d["read_bps"], d["read_lat_s"], slowdown,
                    tuple((int(u), int(n)) for u, n in d.get("read_bytes", ())))  # (absent before read bytes were)
 
 
@@ -83,17 +94,6 @@ def with_read_bytes(costs: CostModel, sizes: Mapping[int, int], read_nbytes: Map
         if n < 0 or u not in sizes:
             raise ValueError(f"read bytes {n} for unit {u}: give a unit of `sizes` and a count of bytes >= 0")
     return replace(costs, read_bytes=tuple(sorted((u, int(n)) for u, n in read_nbytes.items() if n != sizes[u])))
-
-
-def with_read_tax(overlapped: CostModel, pure: CostModel, bytes_read: int) -> CostModel:
-    """`pure`'s compute times, plus the tax per byte that `overlapped` paid while reading `bytes_read`.
-
-    `bytes_read`: what the disk gave in the overlapped call (read bytes, not slot bytes: the tax is
-    charged per byte read).
-    """
-    extra = overlapped.compute_total_s - pure.compute_total_s
-    tax = max(0.0, extra / bytes_read) if bytes_read else 0.0
-    return replace(pure, read_bps=overlapped.read_bps, read_tax_s_per_byte=tax)
 
 
 def costs_from_record(program: Program, root_units: dict[str, list[int]],

@@ -6,7 +6,9 @@ serves loads one after another (reads in flight share its bandwidth, so FIFO ser
 finish times for the queue as a whole), each for the time of the bytes it reads (less than its slot
 for int8 and gather units: `CostModel.read_bytes`) while it holds its whole slot in the ring; compute
 of a step waits for its load; a step's unit is released when its compute ends. Calls run back to
-back, so the next call's first loads read during this call's tail, as in the runtime.
+back, so the next call's first loads read during this call's tail, as in the runtime. Compute runs
+`1 + CostModel.read_slowdown` times slower while the disk reads (the host's steal on the development
+VM), so loads are issued as soon as they may be: each compute sees the reads queued beside it.
 
 Planners call it hundreds of times per plan, so it is linear in the loads: releases happen in load
 order, so of the earlier loads sharing a load's ring bytes only the nearest one can be the last to
@@ -46,6 +48,7 @@ class Timeline:
     read_start_s: tuple[float, ...]  # per absolute load: the disk starts it
     released_s: tuple[float, ...]  # per absolute load: its step's compute ended
     load_bytes: tuple[int, ...]  # per absolute load: the slot bytes it holds
+    compute_s: float = 0.0  # the last call's compute (its pre and every step), as reading slowed it
 
 
 def _nearest_sharer(offs: list[int], lsize: list[int], ring: int) -> list[int]:
@@ -98,47 +101,73 @@ def _run(program: Program, sizes: dict[int, int], costs: CostModel, plan: Plan, 
     rsize = [costs.unit_read_bytes(u, s) for (u, _), s in zip(plan.loads, lsize)]  # what it reads: maybe less
     read_s = [costs.read_s(b) for b in rsize]
     sharer = _nearest_sharer(offs, lsize, plan.ring_bytes) if n_load else []
-    scale = costs.compute_scale(sum(rsize))  # compute slowed by the bytes this plan reads per call
-    work = [(uid in resident, c * scale) for uid, c in zip(program.steps, costs.compute_s)]
-    pre = costs.pre_s * scale
+    slow = 1.0 + costs.read_slowdown  # compute's slowdown while the disk reads
+    work = [(uid in resident, c) for uid, c in zip(program.steps, costs.compute_s)]
     released: list[float] = []  # per absolute load index
     issued: list[float] = []
     started: list[float] = []
     done: list[float] = []
     consumed: list[float] = []
     disk_free = 0.0
-    t = call_start = 0.0
+
+    def issue_until(now: float) -> None:
+        """Issue, in order, every load whose ring bytes are free and whose call is at most one ahead by
+        `now`. Issues happen only when a step starts or ends, so once a compute starts no read joins
+        the disk's queue before it ends: the disk is busy from `now` until `disk_free`, then idle."""
+        nonlocal disk_free
+        while n_load:
+            j = len(issued)
+            t_issue = issued[-1] if issued else 0.0
+            d = sharer[j % n_load]
+            if d and j >= d:
+                if released[j - d] > now:  # (inf: its step has not ended)
+                    return
+                t_issue = max(t_issue, released[j - d])
+            if j >= n_load:
+                if len(consumed) <= j - n_load or consumed[j - n_load] > now:
+                    return
+                t_issue = max(t_issue, consumed[j - n_load])
+            if t_issue > now:
+                return
+            released.append(float("inf"))  # placeholder until its step releases it
+            issued.append(t_issue)
+            start = t_issue if t_issue > disk_free else disk_free
+            started.append(start)
+            disk_free = start + read_s[j % n_load]
+            done.append(disk_free)
+
+    def compute(now: float, c: float) -> float:
+        """When a compute of `c` s (alone) that starts at `now` ends: slowed while the disk reads."""
+        busy = disk_free - now
+        if busy <= 0 or slow == 1.0:
+            return now + c
+        if c * slow <= busy:
+            return now + c * slow
+        return disk_free + c - busy / slow
+
+    t = call_start = wall = 0.0
     stalls: list[float] = []
     starts: list[float] = []
     load_of: list[int] = []
     k = 0  # next load to consume (absolute index)
     for _ in range(calls):
         call_start = t
-        t += pre
+        issue_until(t)
+        t = compute(t, costs.pre_s)
+        wall = t - call_start  # compute time of this call, as slowed
         stalls, starts, load_of = [], [], []
-        for is_resident, compute in work:
+        for is_resident, c in work:
+            issue_until(t)
             if is_resident:
                 if record:
                     stalls.append(0.0)
                     starts.append(t)
                     load_of.append(-1)
-                t += compute
+                end = compute(t, c)
+                wall += end - t
+                t = end
                 continue
-            while len(issued) <= k:  # issue load j: in order, after its ring bytes are free, one call ahead
-                j = len(issued)
-                released.append(float("inf"))  # placeholder until its step releases it
-                t_issue = issued[-1] if issued else 0.0
-                d = sharer[j % n_load]
-                if d and j >= d and released[j - d] > t_issue:
-                    t_issue = released[j - d]
-                if j >= n_load and consumed[j - n_load] > t_issue:
-                    t_issue = consumed[j - n_load]
-                issued.append(t_issue)
-                start = t_issue if t_issue > disk_free else disk_free
-                started.append(start)
-                disk_free = start + read_s[j % n_load]
-                done.append(disk_free)
-            ready = done[k]
+            ready = done[k]  # (issued by now: the loads it waits for were released before this step)
             if record:
                 stalls.append(ready - t if ready > t else 0.0)
                 starts.append(t if t > ready else ready)
@@ -146,13 +175,15 @@ def _run(program: Program, sizes: dict[int, int], costs: CostModel, plan: Plan, 
             if ready > t:
                 t = ready
             consumed.append(t)
-            t += compute
-            released[k] = t
+            issue_until(t)  # the next call's load of this slot may start now
+            end = compute(t, c)
+            wall += end - t
+            t = released[k] = end
             k += 1
     if not record:
         return t - call_start
     return Timeline(t - call_start, tuple(stalls), call_start, tuple(starts), tuple(load_of), tuple(issued),
-                    tuple(started), tuple(released), tuple(lsize[j % n_load] for j in range(len(issued))))
+                    tuple(started), tuple(released), tuple(lsize[j % n_load] for j in range(len(issued))), wall)
 
 
 def latency(program: Program, sizes: dict[int, int], costs: CostModel, plan: Plan, calls: int = 3) -> float:
