@@ -88,6 +88,23 @@ def test_costs_from_record_exact():
     assert costs.compute_total_s == 3.0
 
 
+def test_costs_from_record_times_row_blocks_by_their_own_acquires():
+    # A linear "fc" cut into row blocks (units 1 and 2) between emb (0) and head (3). Its forward acquires
+    # the blocks itself: block 1 at 1.25 s (ready 1.5), block 2 at 2.0 s, ready only at 2.75 (a 0.75 s
+    # read wait), head at 3.0 (ready 3.0), the call ends at 3.5. Blocks: 2.0 - 1.5 = 0.5 and
+    # 3.0 - 2.75 = 0.25 s; the root's hooks alone would give block 1 nothing and block 2 1.5 s, read
+    # wait included.
+    units = tuple(Unit(i, n, (r,), (), 0) for i, (n, r) in enumerate(
+        (("emb", "emb"), ("fc[0:64]", "fc"), ("fc[64:96]", "fc"), ("head", "head"))))
+    prog = Program(units, (0, 1, 2, 3), ())
+    root_units = {"emb": [0], "fc": [1, 2], "head": [3]}
+    rec = [(p, T0 + a, T0 + b) for p, a, b in (("emb", 0, S // 4), ("fc", S, S), ("head", 3 * S, 3 * S))]
+    waits = [(u, T0 + a, T0 + b) for u, a, b in ((1, 5 * S // 4, 3 * S // 2), (2, 2 * S, 11 * S // 4))]
+    costs = costs_from_record(prog, root_units, rec, T0, T0 + 7 * S // 2, 5e8, waits)
+    assert costs.compute_s == (1.0, 0.5, 0.25, 0.5) and costs.pre_s == 0.0
+    assert costs_from_record(prog, root_units, rec, T0, T0 + 7 * S // 2, 5e8).compute_s == (0.75, 0.0, 2.0, 0.5)
+
+
 def test_costs_from_record_of_another_order_is_none():
     prog, root_units = _recorded_program()
     rec = [(p, T0 + a, T0 + b) for p, a, b in RECORD]

@@ -132,7 +132,8 @@ def after_call(sm, ex, key: tuple) -> None:
             sm._profile_bps = bps = disk_read_bps(big, sm._reader_mode, sm._io.kind,
                                                   max_bytes=PROFILE_READ_BYTES)[0]
         sm._key_overlapped = key
-        sm._overlapped = costs_from_record(sm.cap.program, sm.cap.root_units, ex.recorded, *ex.t_call, bps)
+        sm._overlapped = costs_from_record(sm.cap.program, sm.cap.root_units, ex.recorded, *ex.t_call, bps,
+                                           ex.unit_waits)
         sm._overlapped_s = (ex.t_call[1] - ex.t_call[0]) / 1e9
         more = sm._overlapped is not None and bool(sm.plan.loads)  # nothing streams: nothing to plan
         sm._learning = "pure" if more else "done"
@@ -150,7 +151,7 @@ def after_call(sm, ex, key: tuple) -> None:
         return
     sm._learning = "done"
     ex.set_serial(False)
-    pure = costs_from_record(sm.cap.program, sm.cap.root_units, ex.recorded, *ex.t_call, bps)
+    pure = costs_from_record(sm.cap.program, sm.cap.root_units, ex.recorded, *ex.t_call, bps, ex.unit_waits)
     if pure is None:
         return  # this call took another order (data-dependent control flow): keep the fill plan
     # What one load of each unit reads: an int8 unit its stored bytes (about a quarter of its slot), a

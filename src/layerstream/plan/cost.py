@@ -98,16 +98,23 @@ def with_read_bytes(costs: CostModel, sizes: Mapping[int, int], read_nbytes: Map
 
 def costs_from_record(program: Program, root_units: dict[str, list[int]],
                       record: list[tuple[str, int, int]], t_start_ns: int, t_end_ns: int,
-                      read_bps: float) -> CostModel | None:
+                      read_bps: float, unit_waits: list[tuple[int, int, int]] = ()) -> CostModel | None:
     """Per-step compute times of one recorded call of `program`, or None if the call took another order.
 
     `record` holds (root path, pre-hook start ns, weights-ready ns) for each root forward, in order.
+    `unit_waits` holds (unit id, start ns, ready ns) for units acquired inside a forward (a linear's row
+    blocks), in order: such a step starts and has its weights when its own acquire did, so the wait for
+    its read is not counted as the previous block's compute.
     """
+    waits: dict[int, list[tuple[int, int]]] = {}
+    for uid, t0, t1 in reversed(unit_waits):  # reversed: pop() takes them in order
+        waits.setdefault(uid, []).append((t0, t1))
     opens: list[tuple[int, int, int]] = []  # (unit id, start ns, ready ns), one per step
     for path, t0, t1 in record:
         for uid in root_units.get(path, ()):
             if not opens or opens[-1][0] != uid:
-                opens.append((uid, t0, t1))
+                own = waits.get(uid)
+                opens.append((uid, *own.pop()) if own else (uid, t0, t1))
     if tuple(u for u, _, _ in opens) != program.steps:
         return None
     ends = [t0 for _, t0, _ in opens[1:]] + [t_end_ns]

@@ -76,6 +76,9 @@ class Executor(RingSpace):
         self.bound: dict[int, Load] = {}  # unit id -> ring load bound to its tensors
         self.active: dict[str, int] = {}  # root path -> how many of its forwards are running
         self.recorded: list[tuple[str, int, int]] = []  # (root path, hook start, weights ready) this call
+        # (unit id, acquire start, weights ready) of each block unit a forward acquired this call: its
+        # read is waited for inside the forward, so the root's hooks alone would time it as compute
+        self.unit_waits: list[tuple[int, int, int]] = []
         self.t_call = (0, 0)  # this call's start and end, ns
         self.t_open: dict[str, int] = {}
         self.holders: dict[str, torch.Tensor] = {}
@@ -110,11 +113,17 @@ class Executor(RingSpace):
     # ---- units computed by lookup.py (gather, block) ----------------------------------------------
     def acquire(self, uid: int) -> int:
         """Make unit `uid`'s slot hold its bytes (read or reserved); its arena address."""
+        block = self.units[uid].mode == "block"
+        t0 = Trace.now() if block else 0
         if uid in self.resident:
-            return self.resident_addr[uid]
-        if uid not in self.bound:
-            self._acquire(uid)
-        return self.bound[uid].addr
+            addr = self.resident_addr[uid]
+        else:
+            if uid not in self.bound:
+                self._acquire(uid)
+            addr = self.bound[uid].addr
+        if block:
+            self.unit_waits.append((uid, t0, Trace.now()))
+        return addr
 
     def release(self, uids) -> None:
         """Release the bound units among `uids`, then issue the reads their bytes were waiting for."""
@@ -146,6 +155,7 @@ class Executor(RingSpace):
     def begin_call(self) -> None:
         self.t_call = (Trace.now(), 0)
         self.recorded = []
+        self.unit_waits = []
         self.active.clear()
         self._align()
         self._pump()
