@@ -136,7 +136,8 @@ def cases(draw, max_units: int = 40):
     compute = draw(st.lists(st.sampled_from([0.0, 1e-4, 5e-4, 2e-3]) | st.floats(0.0, 1e-2),
                             min_size=len(steps), max_size=len(steps)))
     costs = CostModel(tuple(compute), draw(st.floats(0.0, 5e-3)), draw(st.sampled_from([1e6, 1e7, 1e8, 1e9])),
-                      draw(st.sampled_from([0.0, 1e-4])))
+                      draw(st.sampled_from([0.0, 1e-4])), draw(st.sampled_from([0.0, 0.0, 0.6, 2.0])),
+                      draw(st.sampled_from([0.0, 0.0, 0.75])))  # compute and the disk slowing each other
     prog = program(steps, n, pinned)
     need, _ = min_budget(prog, sizes)
     budget = need + draw(st.integers(0, 1000)) * (int(1.2 * used_bytes(prog, sizes)) - need) // 1000

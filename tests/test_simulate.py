@@ -144,6 +144,22 @@ def test_compute_slows_only_while_the_disk_reads():
     assert simulate(prog, sizes, by_slot, plan).latency_s > 2.5
 
 
+def test_the_disk_slows_only_while_compute_runs():
+    # test_compute_slows_only_while_the_disk_reads's plan, compute not slowed but the disk twice as slow
+    # while compute runs (disk_slowdown 1). Warm: s's next read (1.0 s alone) is issued when s is
+    # released and runs beside r2 (0.5 s: half of the read done, 0.25 s of it), then beside r0 (0.5 s:
+    # 0.25 more), then the disk reads the last 0.5 s alone while s waits for it: a 0.5 s stall, and
+    # a call of 0.5 + 0.5 + 0.5 (stall) + 1.0 = 2.5 s, against 2.0 with the disk never slowed.
+    prog = program((0, 1, 2), 3)
+    sizes = {0: P, 1: 10 * P, 2: P}
+    costs = with_read_bytes(CostModel((0.5, 1.0, 0.5), 0.0, read_bps=8 * P, read_lat_s=0.5, disk_slowdown=1.0),
+                            sizes, {1: 4 * P})
+    plan = Plan(12 * P, ((0, 0), (2, P)), 2 * P, 10 * P, ((1, 0),))
+    warm = simulate(prog, sizes, costs, plan)
+    assert (warm.latency_s, warm.stalls_s) == (2.5, (0, 0.5, 0))
+    assert simulate(prog, sizes, replace(costs, disk_slowdown=0.0), plan).latency_s == 2.0
+
+
 def test_reads_beside_a_stall_cost_no_compute():
     # test_cpsat_bound_is_tight's two units through one 10-page slot: each read (1.5 s) waits for the
     # other unit's release, so the disk only ever reads while compute waits: read, compute, read,
@@ -152,8 +168,8 @@ def test_reads_beside_a_stall_cost_no_compute():
     sizes = {0: 10 * P, 1: 10 * P}
     costs = CostModel((1.0, 1.0), 0.0, read_bps=10 * P, read_lat_s=0.5)
     plan = plan_fill(prog, sizes, 10 * P)
-    for x in (0.0, 1.0, 4.0):
-        warm = simulate(prog, sizes, replace(costs, read_slowdown=x), plan)
+    for x in (0.0, 1.0, 4.0):  # and the disk, which only ever reads while compute waits, as slow as you like
+        warm = simulate(prog, sizes, replace(costs, read_slowdown=x, disk_slowdown=x), plan)
         assert (warm.latency_s, warm.stalls_s) == (5.0, (1.5, 1.5))
 
 

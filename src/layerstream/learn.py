@@ -2,9 +2,9 @@
 
 Call 1 runs the registration-order guess; units are merged along the order it really took. Call 2
 runs that program with reads overlapping compute and is timed step by step. Call 3 runs it serially
-(each read only when compute asks), so its steps time pure compute; the difference is the compute
-that reading costs (the read tax, modelled as a slowdown while the disk reads). With the reader's
-speed, the slowdown and speed fitted so the simulator reproduces call 2, that makes the cost model; the greedy planner's plan replaces the fill plan if the simulator
+(each read only when compute asks), so its steps time pure compute and its waits the disk alone. The
+simulator is then fitted to call 2: how much slower compute ran beside reads (the read tax) and the
+disk beside compute (plan/calibrate.py). That makes the cost model; the greedy planner's plan replaces the fill plan if the simulator
 predicts it faster. Calls 2 and 3 must have the same input shapes (`key`) to be compared:
 generate()'s prefill and decoding steps differ, so a serial call whose shapes differ from the timed
 one's is thrown away and the next call is timed again.
@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from dataclasses import replace
 
 import torch
 
@@ -48,6 +49,8 @@ CHECK_MIN_MS = 5.0  # ... or this many ms (tiny models' calls are noise at the m
 CHECK_CALLS = 2  # planned calls compared (the faster one: a slow moment of the host is not the model's)
 CHECK_WAIT = 16  # calls of other shapes after which a cached model is kept unchecked
 LEARN_TRIES = 4  # timed calls whose serial partner had other shapes, before learning gives up
+SERIAL_MIN_BYTES = 16 * 2**20  # a serial call that read less times the disk too coarsely: the probe's speed
+MIN_BPS = 1e6  # (as calibrate_read_bps's floor)
 
 
 def check_cache_mode(mode) -> str:
@@ -158,10 +161,22 @@ def after_call(sm, ex, key: tuple) -> None:
     # gather unit nothing ahead (its rows are read inside its forward, resident or not, so they are in
     # that step's measured compute). Read times, the tax and the calibration all use these bytes.
     reads = {u: lay.read_nbytes for u, lay in sm.layouts.items()}
-    costs = with_read_bytes(pure, sm.sizes, reads)
+    costs = with_read_bytes(replace(pure, read_bps=_alone_bps(sm, ex, pure, reads)), sm.sizes, reads)
     costs = calibrate(sm.cap.program, sm.sizes, costs, sm.plan, sm._overlapped_s, sm._overlapped.compute_total_s)
     _to_cache(sm, key, costs)
     adopt(sm, costs)
+
+
+def _alone_bps(sm, ex, pure: CostModel, reads: dict[int, int]) -> float:
+    """The disk's speed with compute idle, from the serial call `ex` just ran (it waited for each read in
+    turn, so its time beyond its compute is reading); the probe's speed if that call read too little
+    to tell."""
+    loads = [u for u, _ in sm.plan.loads]
+    nbytes = sum(reads[u] for u in loads)
+    waited = (ex.t_call[1] - ex.t_call[0]) / 1e9 - pure.compute_total_s - len(loads) * pure.read_lat_s
+    if nbytes < SERIAL_MIN_BYTES or waited <= 0:
+        return pure.read_bps
+    return max(MIN_BPS, nbytes / waited)
 
 
 def adopt(sm, costs: CostModel) -> None:

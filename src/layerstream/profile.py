@@ -30,7 +30,7 @@ from .plan.cost import CostModel
 from .units import Program, TensorRef, Unit
 
 PROFILE_CALLS = 9  # at most: order, check (3), timed and serial again, and two retries of other shapes
-CACHE_VERSION = 4  # 2: gather and block units (units carry a mode); 3: stream()'s own entries, per-unit read bytes; 4: the read tax a slowdown while reading. Bump when the JSON's meaning changes: older files are then measured again
+CACHE_VERSION = 4  # 2: gather and block units (units carry a mode); 3: stream()'s own entries, per-unit read bytes; 4: the read tax a slowdown while reading, and the disk's beside compute. Bump when the JSON's meaning changes: older files are then measured again
 
 
 def _stderr(msg: str) -> None:
@@ -119,7 +119,8 @@ class Profile:
                 f"({len(streamed)} streamable), weights {fmt_bytes(self.program.weight_bytes)}, units of at most "
                 f"{fmt_bytes(self.max_unit)}; compute {c.compute_total_s * 1e3:.2f} ms per call with every weight "
                 f"resident; reads {c.read_bps / 1e9:.2f} GB/s + {c.read_lat_s * 1e6:.0f} us each; compute "
-                f"{1 + c.read_slowdown:.2f}x slower while the disk reads")
+                f"{1 + c.read_slowdown:.2f}x slower while the disk reads, the disk {1 + c.disk_slowdown:.2f}x "
+                "slower while compute runs")
 
 
 def profile(spec, weights: str | os.PathLike, budget="25%", device="cpu", max_unit: int | None = None,
@@ -211,7 +212,7 @@ def read_cached(key: dict, log=None) -> tuple[Profile | None, Path]:
                       and set(prof.sizes) == {u.uid for u in prof.program.units}
                       and c.read_bps > 0 and all(math.isfinite(x) and x >= 0 for x in
                                                  (*c.compute_s, c.pre_s, c.read_bps, c.read_lat_s,
-                                                  c.read_slowdown)))
+                                                  c.read_slowdown, c.disk_slowdown)))
     except Exception as e:  # any malformed content: the file is a cache, measuring again is always right
         if log:
             log(f"profile cache {path} is unreadable ({type(e).__name__}: {e}): measuring again")

@@ -6,11 +6,12 @@ streaming a 3 GB model whose reads cycle through more than the cache holds). The
 says how fast the disk was: if it took longer than the simulator predicts at the probed speed, the
 read speed that reproduces it is the one to plan with.
 
-The read slowdown (compute's, while the disk reads) is what makes the timed call's compute longer than
-the serial call's: the slowdown at which the simulated call computes as long as the timed one did.
-It is fitted against the time that call's reads really overlapped its compute, not its bytes, so a
-plan whose reads fall in stalls is not charged for them. The two fits depend on each other (a slower
-disk overlaps more compute), so `calibrate` alternates them.
+Compute and the disk slow each other down. The read slowdown (compute's, while the disk reads) is what
+makes the timed call's compute longer than the serial call's: the slowdown at which the simulated call
+computes as long as the timed one did, fitted against the time that call's reads really overlapped
+its compute (not its bytes, so a plan whose reads fall in stalls is not charged for them). The disk
+slowdown (the disk's, while compute runs) is what makes the timed call longer than its compute and
+the disk alone explain. The fits depend on each other, so `calibrate` alternates them.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from dataclasses import replace
 
 from ..units import Program
 from .cost import MAX_SLOWDOWN, CostModel
-from .simulate import simulate, timeline
+from .simulate import latency, simulate, timeline
 from .types import Plan
 
 
@@ -48,33 +49,52 @@ def calibrate_read_bps(program: Program, sizes: dict[int, int], costs: CostModel
     return replace(costs, read_bps=hi)
 
 
+def _bisect(f, target: float, hi: float, iterations: int) -> float:
+    """The x in [0, hi] at which the nondecreasing f(x) reaches `target` (0 or hi where it never does)."""
+    if f(0.0) >= target:
+        return 0.0
+    if f(hi) <= target:
+        return hi
+    lo = 0.0
+    for _ in range(iterations):
+        mid = (lo + hi) / 2
+        if f(mid) < target:
+            lo = mid
+        else:
+            hi = mid
+    return (lo + hi) / 2
+
+
 def fit_read_slowdown(program: Program, sizes: dict[int, int], costs: CostModel, plan: Plan,
                       measured_compute_s: float, iterations: int = 40) -> CostModel:
     """`costs` (pure compute times) with the read slowdown at which simulating `plan` for one call (no
     warm-up) computes for `measured_compute_s` in all (its pre and every step, waits for reads left out)."""
-    def computed(x: float) -> float:
-        return timeline(program, sizes, replace(costs, read_slowdown=x), plan, calls=1).compute_s
-
-    if not plan.loads or computed(0.0) >= measured_compute_s:
+    if not plan.loads:
         return replace(costs, read_slowdown=0.0)
-    if computed(MAX_SLOWDOWN) <= measured_compute_s:
-        return replace(costs, read_slowdown=MAX_SLOWDOWN)
-    lo, hi = 0.0, MAX_SLOWDOWN  # computed(lo) < measured <= computed(hi): compute grows with the slowdown
-    for _ in range(iterations):
-        mid = (lo + hi) / 2
-        if computed(mid) < measured_compute_s:
-            lo = mid
-        else:
-            hi = mid
-    return replace(costs, read_slowdown=(lo + hi) / 2)
+    x = _bisect(lambda x: timeline(program, sizes, replace(costs, read_slowdown=x), plan, calls=1).compute_s,
+                measured_compute_s, MAX_SLOWDOWN, iterations)
+    return replace(costs, read_slowdown=x)
+
+
+def fit_disk_slowdown(program: Program, sizes: dict[int, int], costs: CostModel, plan: Plan,
+                      measured_s: float, iterations: int = 40) -> CostModel:
+    """`costs` with the disk slowdown (while compute runs) at which simulating `plan` for one call (no
+    warm-up) takes `measured_s`."""
+    if not plan.loads:
+        return replace(costs, disk_slowdown=0.0)
+    y = _bisect(lambda y: latency(program, sizes, replace(costs, disk_slowdown=y), plan, calls=1),
+                measured_s, MAX_SLOWDOWN, iterations)
+    return replace(costs, disk_slowdown=y)
 
 
 def calibrate(program: Program, sizes: dict[int, int], pure: CostModel, plan: Plan, measured_s: float,
-              measured_compute_s: float, rounds: int = 3) -> CostModel:
-    """`pure` (compute times from a serial call, read speed probed) fitted to a timed call of `plan` that
-    took `measured_s` and computed for `measured_compute_s`: its read slowdown and read speed."""
+              measured_compute_s: float, rounds: int = 4) -> CostModel:
+    """`pure` (compute times from a serial call, the disk's speed alone) fitted to a timed call of `plan`
+    that took `measured_s` and computed for `measured_compute_s`: how much slower each of compute and
+    the disk ran beside the other (alternately, as each depends on the other), then, if even the
+    slowest disk beside compute cannot make the call that long, a slower disk alone."""
     costs = pure
     for _ in range(rounds):
         costs = fit_read_slowdown(program, sizes, costs, plan, measured_compute_s)
-        costs = calibrate_read_bps(program, sizes, replace(costs, read_bps=pure.read_bps), plan, measured_s)
-    return costs
+        costs = fit_disk_slowdown(program, sizes, costs, plan, measured_s)
+    return calibrate_read_bps(program, sizes, costs, plan, measured_s)

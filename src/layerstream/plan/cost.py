@@ -34,6 +34,10 @@ class CostModel:
     # 1.6-1.7x slower at every chunk size and read speed), so the tax is a slowdown per second of disk
     # activity: compute that overlaps no read pays nothing, whatever the call reads in all.
     read_slowdown: float = 0.0
+    # The disk reads (1 + disk_slowdown) times slower while compute runs: the reader's thread and the
+    # host's I/O share the vCPUs with torch's threads (seen on the development VM: 1.0-1.6 GB/s with
+    # compute waiting, 0.5-0.66 GB/s beside it).
+    disk_slowdown: float = 0.0
     # (unit id, bytes one load of it reads), sorted, for units whose read is not their slot: int8 units
     # and gather units (UnitLayout.read_nbytes: their extents; none for a gather unit). Others: the slot.
     read_bytes: tuple[tuple[int, int], ...] = ()
@@ -81,6 +85,7 @@ class CostModel:
             k = d.get("read_tax_s_per_byte", 0.0) * d["read_bps"]  # the share of compute lost while reading
             slowdown = k / (1.0 - k) if k < 1.0 else MAX_SLOWDOWN
         return cls(tuple(d["compute_s"]), d["pre_s"], d["read_bps"], d["read_lat_s"], slowdown,
+                   d.get("disk_slowdown", 0.0),
                    tuple((int(u), int(n)) for u, n in d.get("read_bytes", ())))  # (absent before read bytes were)
 
 

@@ -3,10 +3,11 @@
 The model (OR-Tools CP-SAT; times in integer quanta of the call's serial worst case / RESOLUTION):
   - a Boolean per unit the call uses: resident or streamed (pinned units are always resident);
   - per step, a compute of its pure length, one after another, the call's period T after the last,
-    and T at least the call's compute plus its read tax as if every read overlapped compute (a bound
-    every schedule meets: see the tax's comment below; linear in the Booleans);
+    and T at least the call's compute plus its read tax as if every read overlapped compute, and at
+    least its reads plus the disk's slowdown over all compute (bounds every schedule meets: see the
+    comments below; linear in the Booleans);
   - per streamed step, an optional read interval (present iff its unit streams), as long as reading
-    the bytes its load reads (`CostModel.read_bytes`: less than the slot for int8 and gather units),
+    (with the disk alone) the bytes its load reads (`CostModel.read_bytes`: less than the slot for int8 and gather units),
     that ends before its compute starts and starts no earlier than a period before that (the runtime
     reads at most one call ahead); reads share one no-overlap channel (the disk serves one read at a
     time), in step order, the next call's first read after this call's last;
@@ -25,8 +26,9 @@ allows), and reads may start before their ring bytes are freed in FIFO order. Du
 rounded down to whole quanta and shortened by one (so that rounding can never make a real schedule
 infeasible here), so the bound is low by at most a quantum per step, and by about one more per
 streamed step for the read tax (each unit's tax is rounded down to whole quanta). Steps are not
-slowed one by one, so a plan whose reads slow the steps a load waits behind is predicted slower by
-the simulator than by this model: that, too, is a gap between the plan and the bound. The bound is
+slowed one by one, nor reads, so a plan whose reads and computes slow each other where a load is
+waited for is predicted slower by the simulator than by this model: that, too, is a gap between the
+plan and the bound. The bound is
 CP-SAT's proven bound on the model's optimum, so when the solver stops at its time limit it is weaker
 still, and it says nothing about the disk or the device being slower than the cost model says. The simulator reports the third of three back-to-back calls, which
 a plan with a slow start may not have settled by; the bound is for the settled state.
@@ -117,6 +119,12 @@ class CpsatModel:
                        m.new_optional_interval_var(r2, held, e2, on, f"M{i}+T")]
             demands += [sizes[u], sizes[u]]
         m.add_no_overlap(reads)
+        # The disk's slowdown beside compute (`disk_slowdown`, y), as the read tax above: the disk is
+        # busy D = R + k_y O in a period (O its overlap with compute, k_y = y / (1 + y)), and O >= C + D - T,
+        # so T >= R + k_y C.
+        ky = costs.disk_slowdown / (1.0 + costs.disk_slowdown)
+        if ky > 0 and streamed_steps:
+            m.add(self.T >= sum(self.rd[i] * self.res[steps[i]].Not() for i in streamed_steps) + quanta(ky * total))
         if memory:
             m.add_cumulative(memory, demands, cap)
         # Reads in step order (the runtime issues loads in order and the disk serves them FIFO): f[k]

@@ -7,8 +7,10 @@ finish times for the queue as a whole), each for the time of the bytes it reads 
 for int8 and gather units: `CostModel.read_bytes`) while it holds its whole slot in the ring; compute
 of a step waits for its load; a step's unit is released when its compute ends. Calls run back to
 back, so the next call's first loads read during this call's tail, as in the runtime. Compute runs
-`1 + CostModel.read_slowdown` times slower while the disk reads (the host's steal on the development
-VM), so loads are issued as soon as they may be: each compute sees the reads queued beside it.
+`1 + CostModel.read_slowdown` times slower while the disk reads and the disk `1 + disk_slowdown`
+times slower while compute runs (the development VM's two vCPUs serve torch's threads, the reader and
+the host's I/O), so loads are issued as soon as they may be and the two are advanced together, from
+one event (a compute's end, a read's end) to the next.
 
 Planners call it hundreds of times per plan, so it is linear in the loads: releases happen in load
 order, so of the earlier loads sharing a load's ring bytes only the nearest one can be the last to
@@ -99,22 +101,31 @@ def _run(program: Program, sizes: dict[int, int], costs: CostModel, plan: Plan, 
     offs = [off for _, off in plan.loads]
     lsize = [sizes[u] for u, _ in plan.loads]  # slot bytes: what a load holds in the ring
     rsize = [costs.unit_read_bytes(u, s) for (u, _), s in zip(plan.loads, lsize)]  # what it reads: maybe less
-    read_s = [costs.read_s(b) for b in rsize]
+    read_s = [costs.read_s(b) for b in rsize]  # with the disk alone
     sharer = _nearest_sharer(offs, lsize, plan.ring_bytes) if n_load else []
-    slow = 1.0 + costs.read_slowdown  # compute's slowdown while the disk reads
+    cslow = 1.0 + costs.read_slowdown  # compute's slowdown while the disk reads
+    dslow = 1.0 + costs.disk_slowdown  # the disk's while compute runs
     work = [(uid in resident, c) for uid, c in zip(program.steps, costs.compute_s)]
     released: list[float] = []  # per absolute load index
     issued: list[float] = []
     started: list[float] = []
     done: list[float] = []
     consumed: list[float] = []
-    disk_free = 0.0
+    coupled = cslow != 1.0 or dslow != 1.0
+    t = 0.0
+    # The disk's current read (load len(done), if one is issued and not done): when it ends at the
+    # current rates (uncoupled: its rate never changes, so this is exact) and how long it has left alone.
+    head_end = head_left = 0.0
+
+    def start_read(now: float) -> None:
+        nonlocal head_end, head_left
+        started.append(now)
+        head_left = read_s[len(done) % n_load]
+        head_end = now + head_left
 
     def issue_until(now: float) -> None:
         """Issue, in order, every load whose ring bytes are free and whose call is at most one ahead by
-        `now`. Issues happen only when a step starts or ends, so once a compute starts no read joins
-        the disk's queue before it ends: the disk is busy from `now` until `disk_free`, then idle."""
-        nonlocal disk_free
+        `now` (issues happen only when a step starts or ends: nothing joins the queue mid-compute)."""
         while n_load:
             j = len(issued)
             t_issue = issued[-1] if issued else 0.0
@@ -131,21 +142,41 @@ def _run(program: Program, sizes: dict[int, int], costs: CostModel, plan: Plan, 
                 return
             released.append(float("inf"))  # placeholder until its step releases it
             issued.append(t_issue)
-            start = t_issue if t_issue > disk_free else disk_free
-            started.append(start)
-            disk_free = start + read_s[j % n_load]
-            done.append(disk_free)
+            if len(done) == j:  # the disk was idle: this read starts now
+                start_read(now)
 
-    def compute(now: float, c: float) -> float:
-        """When a compute of `c` s (alone) that starts at `now` ends: slowed while the disk reads."""
-        busy = disk_free - now
-        if busy <= 0 or slow == 1.0:
-            return now + c
-        if c * slow <= busy:
-            return now + c * slow
-        return disk_free + c - busy / slow
+    def finish_read(now: float) -> None:  # the head read ends at `now`; the next queued one starts
+        done.append(now)
+        if len(done) < len(issued):
+            start_read(now)
 
-    t = call_start = wall = 0.0
+    def compute(c: float) -> None:
+        """Run `c` s of compute (as long alone) from t; the disk reads beside it, each slowing the other."""
+        nonlocal t, head_left
+        if not coupled:  # (kept apart so that sums of times come out exactly as written)
+            end = t + c
+            while len(done) < len(issued) and head_end <= end:
+                finish_read(head_end)
+            t = end
+            return
+        while len(done) < len(issued):
+            if c * cslow < head_left * dslow:  # the compute ends first
+                t += c * cslow
+                head_left -= c * cslow / dslow
+                return
+            dt = head_left * dslow
+            t += dt
+            c -= dt / cslow
+            finish_read(t)
+        t += c
+
+    def wait_for(k: int) -> None:  # compute idle until load k is in: the disk reads alone
+        nonlocal t
+        while len(done) <= k:
+            t = head_end if not coupled else t + head_left
+            finish_read(t)
+
+    call_start = wall = 0.0
     stalls: list[float] = []
     starts: list[float] = []
     load_of: list[int] = []
@@ -153,7 +184,7 @@ def _run(program: Program, sizes: dict[int, int], costs: CostModel, plan: Plan, 
     for _ in range(calls):
         call_start = t
         issue_until(t)
-        t = compute(t, costs.pre_s)
+        compute(costs.pre_s)
         wall = t - call_start  # compute time of this call, as slowed
         stalls, starts, load_of = [], [], []
         for is_resident, c in work:
@@ -163,22 +194,22 @@ def _run(program: Program, sizes: dict[int, int], costs: CostModel, plan: Plan, 
                     stalls.append(0.0)
                     starts.append(t)
                     load_of.append(-1)
-                end = compute(t, c)
-                wall += end - t
-                t = end
+                t0 = t
+                compute(c)
+                wall += t - t0
                 continue
-            ready = done[k]  # (issued by now: the loads it waits for were released before this step)
+            t0 = t  # (its load was issued by now: the loads it waits for were released before this step)
+            wait_for(k)
             if record:
-                stalls.append(ready - t if ready > t else 0.0)
-                starts.append(t if t > ready else ready)
+                stalls.append(t - t0)
+                starts.append(t)
                 load_of.append(k)
-            if ready > t:
-                t = ready
             consumed.append(t)
             issue_until(t)  # the next call's load of this slot may start now
-            end = compute(t, c)
-            wall += end - t
-            t = released[k] = end
+            t0 = t
+            compute(c)
+            wall += t - t0
+            released[k] = t
             k += 1
     if not record:
         return t - call_start
