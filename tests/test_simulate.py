@@ -158,6 +158,10 @@ def test_the_disk_slows_only_while_compute_runs():
     warm = simulate(prog, sizes, costs, plan)
     assert (warm.latency_s, warm.stalls_s) == (2.5, (0, 0.5, 0))
     assert simulate(prog, sizes, replace(costs, disk_slowdown=0.0), plan).latency_s == 2.0
+    # The disk at full speed, but only 2 pages (0.25 s) in flight per compute (kernel AIO, refilled
+    # between steps): 0.25 s of the read beside r2, 0.25 beside r0, the last 0.5 s while s waits: 2.5 s.
+    capped = simulate(prog, sizes, replace(costs, disk_slowdown=0.0, inflight_bytes=2 * P), plan)
+    assert (capped.latency_s, capped.stalls_s) == (2.5, (0, 0.5, 0))
 
 
 def test_reads_beside_a_stall_cost_no_compute():

@@ -161,7 +161,8 @@ def after_call(sm, ex, key: tuple) -> None:
     # gather unit nothing ahead (its rows are read inside its forward, resident or not, so they are in
     # that step's measured compute). Read times, the tax and the calibration all use these bytes.
     reads = {u: lay.read_nbytes for u, lay in sm.layouts.items()}
-    costs = with_read_bytes(replace(pure, read_bps=_alone_bps(sm, ex, pure, reads)), sm.sizes, reads)
+    costs = with_read_bytes(replace(pure, read_bps=_alone_bps(sm, ex, pure, reads),
+                                    inflight_bytes=sm._io.inflight_bytes), sm.sizes, reads)
     costs = calibrate(sm.cap.program, sm.sizes, costs, sm.plan, sm._overlapped_s, sm._overlapped.compute_total_s)
     _to_cache(sm, key, costs)
     adopt(sm, costs)

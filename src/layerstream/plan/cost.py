@@ -38,6 +38,9 @@ class CostModel:
     # host's I/O share the vCPUs with torch's threads (seen on the development VM: 1.0-1.6 GB/s with
     # compute waiting, 0.5-0.66 GB/s beside it).
     disk_slowdown: float = 0.0
+    # Bytes the disk can read during one step's compute (0: no limit). Kernel AIO reads are submitted
+    # and reaped on the compute thread, between steps, so a step finds at most this much in flight.
+    inflight_bytes: int = 0
     # (unit id, bytes one load of it reads), sorted, for units whose read is not their slot: int8 units
     # and gather units (UnitLayout.read_nbytes: their extents; none for a gather unit). Others: the slot.
     read_bytes: tuple[tuple[int, int], ...] = ()
@@ -85,7 +88,7 @@ class CostModel:
             k = d.get("read_tax_s_per_byte", 0.0) * d["read_bps"]  # the share of compute lost while reading
             slowdown = k / (1.0 - k) if k < 1.0 else MAX_SLOWDOWN
         return cls(tuple(d["compute_s"]), d["pre_s"], d["read_bps"], d["read_lat_s"], slowdown,
-                   d.get("disk_slowdown", 0.0),
+                   d.get("disk_slowdown", 0.0), d.get("inflight_bytes", 0),
                    tuple((int(u), int(n)) for u, n in d.get("read_bytes", ())))  # (absent before read bytes were)
 
 

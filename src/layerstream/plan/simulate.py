@@ -8,9 +8,10 @@ for int8 and gather units: `CostModel.read_bytes`) while it holds its whole slot
 of a step waits for its load; a step's unit is released when its compute ends. Calls run back to
 back, so the next call's first loads read during this call's tail, as in the runtime. Compute runs
 `1 + CostModel.read_slowdown` times slower while the disk reads and the disk `1 + disk_slowdown`
-times slower while compute runs (the development VM's two vCPUs serve torch's threads, the reader and
-the host's I/O), so loads are issued as soon as they may be and the two are advanced together, from
-one event (a compute's end, a read's end) to the next.
+times slower while compute runs (the development VM's two vCPUs serve torch's threads and the host's
+I/O), and during one compute the disk reads at most `inflight_bytes` (kernel AIO's reads in flight,
+refilled on the compute thread between steps), so loads are issued as soon as they may be and the
+two are advanced together, from one event (a compute's end, a read's end) to the next.
 
 Planners call it hundreds of times per plan, so it is linear in the loads: releases happen in load
 order, so of the earlier loads sharing a load's ring bytes only the nearest one can be the last to
@@ -111,7 +112,10 @@ def _run(program: Program, sizes: dict[int, int], costs: CostModel, plan: Plan, 
     started: list[float] = []
     done: list[float] = []
     consumed: list[float] = []
-    coupled = cslow != 1.0 or dslow != 1.0
+    # The disk reads at most this long (alone) during one compute: the reads in flight when it started
+    # (kernel AIO is refilled only between steps, on the compute thread)
+    cap = costs.inflight_bytes / costs.read_bps if costs.inflight_bytes else float("inf")
+    coupled = cslow != 1.0 or dslow != 1.0 or cap != float("inf")
     t = 0.0
     # The disk's current read (load len(done), if one is issued and not done): when it ends at the
     # current rates (uncoupled: its rate never changes, so this is exact) and how long it has left alone.
@@ -159,14 +163,22 @@ def _run(program: Program, sizes: dict[int, int], costs: CostModel, plan: Plan, 
                 finish_read(head_end)
             t = end
             return
-        while len(done) < len(issued):
-            if c * cslow < head_left * dslow:  # the compute ends first
+        room = cap  # what the disk may still read during this compute, in seconds alone
+        while len(done) < len(issued) and room > 0:
+            if c * cslow < min(head_left, room) * dslow:  # the compute ends first
                 t += c * cslow
                 head_left -= c * cslow / dslow
                 return
+            if room < head_left:  # the reads in flight are done: the disk idles until the compute ends
+                dt = room * dslow
+                t += dt
+                c -= dt / cslow
+                head_left -= room
+                break
             dt = head_left * dslow
             t += dt
             c -= dt / cslow
+            room -= head_left
             finish_read(t)
         t += c
 

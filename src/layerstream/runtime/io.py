@@ -37,6 +37,7 @@ class IOBackend:
 
     kind = "abstract"
     chunk_bytes = CHUNK_BYTES  # how the executor splits a unit's extents into reads
+    inflight_bytes = 0  # the most a step's compute can find in flight (0: reads go on beside it, no limit)
 
     def __init__(self, reader: Reader | None, trace):
         self.reader, self.trace = reader, trace  # None for a shared backend: each Port brings its own
@@ -94,7 +95,7 @@ class Port:
 
     def __init__(self, backend: IOBackend, reader: Reader, trace):
         self.backend, self.reader, self.trace = backend, reader, trace
-        self.kind, self.chunk_bytes = backend.kind, backend.chunk_bytes
+        self.kind, self.chunk_bytes, self.inflight_bytes = backend.kind, backend.chunk_bytes, backend.inflight_bytes
         self.pending = 0  # chunks submitted through this port and not finished
 
     def submit(self, load, arena, chunks) -> None:
@@ -163,6 +164,7 @@ class AioIO(IOBackend):
     def __init__(self, reader: Reader | None, trace, depth: int = 4):
         super().__init__(reader, trace)
         self.ctx = AioContext(depth)
+        self.inflight_bytes = depth * self.chunk_bytes  # submitted and reaped between steps only
         self.queued: deque = deque()  # chunks waiting for room in the kernel queue, in issue order
         self.inflight: dict[int, tuple] = {}  # iocb data -> (iocb, load, file_off, need, t_submit, src)
         self._ids = itertools.count()
