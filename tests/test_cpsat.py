@@ -163,7 +163,8 @@ def small_cases(draw):
     compute = draw(st.lists(st.sampled_from([0.0, 1e-4, 5e-4, 2e-3, 1e-2]), min_size=len(steps), max_size=len(steps)))
     costs = CostModel(tuple(compute), draw(st.sampled_from([0.0, 1e-3])), draw(st.sampled_from([1e6, 1e7, 1e8])),
                       draw(st.sampled_from([0.0, 1e-4])), draw(st.sampled_from([0.0, 0.6, 2.0])),
-                      draw(st.sampled_from([0.0, 0.75])))  # compute and the disk slowing each other
+                      draw(st.sampled_from([0.0, 0.75])),  # compute and the disk slowing each other
+                      draw(st.sampled_from([0, 0, P, 4 * P])))  # and the disk reading little per compute
     if draw(st.booleans()):
         reads = {u: draw(st.sampled_from([0, 1, 2, 4, 4, 4, 6])) * sizes[u] // 4 for u in range(n)}
         costs = with_read_bytes(costs, sizes, reads)

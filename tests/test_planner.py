@@ -137,7 +137,8 @@ def cases(draw, max_units: int = 40):
                             min_size=len(steps), max_size=len(steps)))
     costs = CostModel(tuple(compute), draw(st.floats(0.0, 5e-3)), draw(st.sampled_from([1e6, 1e7, 1e8, 1e9])),
                       draw(st.sampled_from([0.0, 1e-4])), draw(st.sampled_from([0.0, 0.0, 0.6, 2.0])),
-                      draw(st.sampled_from([0.0, 0.0, 0.75])))  # compute and the disk slowing each other
+                      draw(st.sampled_from([0.0, 0.0, 0.75])),  # compute and the disk slowing each other
+                      draw(st.sampled_from([0, 0, P, 4 * P])))  # and the disk reading little per compute
     prog = program(steps, n, pinned)
     need, _ = min_budget(prog, sizes)
     budget = need + draw(st.integers(0, 1000)) * (int(1.2 * used_bytes(prog, sizes)) - need) // 1000

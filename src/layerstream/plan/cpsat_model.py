@@ -146,9 +146,26 @@ class CpsatModel:
         for u in self.units:
             m.add(resident_bytes + sizes[u] * (1 - self.res[u]) <= cap)
         self._add_windows(program, sizes, costs, cap, quanta)
-        # Redundant, for the bound: the disk reads every streamed step within one period.
-        m.add(self.T >= sum(quanta(costs.read_s(read[steps[i]])) * (1 - self.res[steps[i]]) for i in streamed_steps))
+        # Redundant, for the bound: the disk reads every streamed step within one period, and what it
+        # cannot read during the computes (at most `inflight_bytes` each, the pre's included) while
+        # compute waits.
+        period_reads = sum(quanta(costs.read_s(read[steps[i]])) * (1 - self.res[steps[i]]) for i in streamed_steps)
+        m.add(self.T >= period_reads)
+        allow = self.read_allowance(costs)
+        if streamed_steps and any(a < d for a, d in zip(allow, self.dur)):
+            pre = self.read_allowance(costs, (costs.pre_s,))[0]
+            m.add(self.T >= sum(self.dur) + quanta(costs.pre_s) + period_reads - sum(allow) - pre)
         m.minimize(self.T)
+
+    def read_allowance(self, costs: CostModel, compute_s=None) -> list[int]:
+        """Per step, in quanta (rounded up): the most the disk can read, as long alone, during its compute.
+
+        A compute of c s lasts at most c (1 + x) (slowed throughout), and the disk reads beside it at
+        1 / (1 + y) of its speed, and no more than the reads in flight when it began."""
+        x, y = costs.read_slowdown, costs.disk_slowdown
+        flight = costs.inflight_bytes / costs.read_bps if costs.inflight_bytes else math.inf
+        return [math.ceil(min(flight, c * (1 + x) / (1 + y)) / self.q)
+                for c in (costs.compute_s if compute_s is None else compute_s)]
 
     def _add_windows(self, program: Program, sizes: dict[int, int], costs: CostModel, cap: int, quanta) -> None:
         """Redundant cuts that make the bound strong early: reads between two computes, less what fit the ring.
@@ -177,15 +194,27 @@ class CpsatModel:
         ring = math.ceil(ratio * cap / (costs.read_bps * q))  # the whole budget's, in read quanta, rounded up
         full = {i: quanta(costs.read_s(self.read[steps[i]])) for i in self.streamed_steps}
         span = len(steps) if len(steps) <= WINDOW_STEPS else WINDOW_SPAN
+        # The disk reads little during a compute: at most `inflight_bytes` (CostModel), and at its slowed
+        # rate for at most the compute's slowed length (`read_allowance`). The reads the window needs
+        # beyond that happen while compute waits: the window is also at least its steps' computes plus
+        # what they leave unread.
+        allow = self.read_allowance(costs)
+        tighter = any(a < d for a, d in zip(allow, self.dur))  # else the cut is the one above
         for a in range(len(steps)):
             mine = w[steps[a]] * (1 - self.res[steps[a]]) if steps[a] in self.res else 0
             reads, n = [], 0
+            computes, allowed = self.dur[a], allow[a]  # steps a..b-1
             for b in range(a + 1, min(len(steps), a + 1 + span)):
                 if steps[b] in self.res:
                     reads.append(full[b] * (1 - self.res[steps[b]]))
                     n += 1
                     lat = math.ceil(costs.read_lat_s * n / q)
                     m.add(self.c[b] - self.c[a] + 1 >= sum(reads) - lat - ring + held + mine)
+                    if tighter:
+                        m.add(self.c[b] - self.c[a] + 1 >= sum(reads) - lat - ring + held + mine + computes
+                              - allowed)
+                computes += self.dur[b]
+                allowed += allow[b]
 
     def hint(self, program: Program, sizes: dict[int, int], costs: CostModel, plan: Plan) -> None:
         """Start the search from `plan`'s simulated schedule (its last call)."""

@@ -43,6 +43,7 @@ class Stats:
         self.bytes_read = 0
 
 
+
 class Executor(RingSpace):
     def __init__(self, cap: Captured, layouts: dict[int, UnitLayout], plan: Plan, arena: Arena,
                  io: IOBackend, trace: Trace, stage=None, checks: dict | None = None,
@@ -98,6 +99,8 @@ class Executor(RingSpace):
         self.active[path] = self.active.get(path, 0) + 1
         if self.stage is not None:
             self._copy_finished()
+        else:  # refill the device's queue: kernel AIO is submitted and reaped on this thread, between steps
+            self.io.progress()
         for uid in self.cap.root_units[path]:
             if uid not in self.resident and uid not in self.bound and self.units[uid].mode != "block":
                 self._acquire(uid)  # (a block is acquired by lookup.py when its rows are computed)
@@ -109,6 +112,7 @@ class Executor(RingSpace):
         self.trace.add(path or "<top>", "compute", self.t_open.pop(path, t1), t1, "compute")
         self.active[path] -= 1
         self.release([uid for uid in self.cap.root_units[path] if self.closer[uid] == path])
+        self.io.progress()
 
     # ---- units computed by lookup.py (gather, block) ----------------------------------------------
     def acquire(self, uid: int) -> int:
