@@ -1,15 +1,18 @@
 """The cost model: how long each step computes and how fast the file reads (pure data).
 
 Compute times come from a real call: the executor records when each root's pre-forward hook started
-and when its weights were ready. A step's compute is the time from its weights being ready to the
-next step starting, so waits for reads are never counted as compute. Read cost is latency plus bytes
-over bandwidth, measured on the same file with the same reader.
+and when its weights were ready (a linear's row blocks, acquired inside its forward, by their own
+acquires). A step's compute is the time from its weights being ready to the next step starting, so
+waits for reads are never counted as compute. Read cost is latency plus bytes over bandwidth, with
+the disk alone, measured on the same file with the same reader. Compute and the disk slow each other
+while both run (`read_slowdown`, `disk_slowdown`), and a step's compute finds at most
+`inflight_bytes` in flight: the simulator (simulate.py) plays these out, calibrate.py fits them.
 
 A unit's read is not always its slot: an int8 unit's slot holds the expanded float weights while the
 disk gives about a quarter of that, and a gather unit's planned load reads nothing ahead (its slot is
 scratch for the rows its forward reads on demand, resident or not, so they are timed as that step's
-compute). Memory is charged in slot bytes (the planners' `sizes`); time, the read tax and the bytes
-"streamed" per call are charged in the bytes read, which `read_bytes` lists where they differ.
+compute). Memory is charged in slot bytes (the planners' `sizes`); read time and the bytes "streamed"
+per call are charged in the bytes read, which `read_bytes` lists where they differ.
 """
 from __future__ import annotations
 
