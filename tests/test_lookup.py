@@ -93,6 +93,11 @@ def test_a_head_larger_than_the_budget_is_computed_in_row_blocks(folders, eager,
         r = sm.report()
         assert r.arena_peak_bytes <= r.budget_bytes
         assert r.generation.steps == 8
+        # Each block is timed by its own acquire (the cost model's steps), in row order, every call.
+        prog = sm.cap.program  # (the order the first call recorded)
+        waits = sm._exec.unit_waits
+        assert [u for u, _, _ in waits] == [u for u in prog.steps if prog.units[u].mode == "block"]
+        assert all(t0 <= t1 for _, t0, t1 in waits) and all(a[2] <= b[1] for a, b in zip(waits, waits[1:]))
 
 
 def test_lookup_errors_are_clear(folders):

@@ -162,3 +162,18 @@ def test_report_prints(saved):
         sm(*s.inputs)
         text = str(sm.report())
     assert "demand misses" in text and "arena" in text
+
+
+def test_the_learning_calls_start_with_nothing_read_ahead(saved):
+    # The timed call is fitted as a first call (an empty ring) and the serial call times the disk alone,
+    # so neither may begin with loads the previous call's end issued for it.
+    s = saved("tiny-gpt2")
+    with ls.stream(s.model(), s.path, budget="50%", max_unit=SMALL_UNIT, profile_cache="off") as sm:
+        seen = []
+        for _ in range(3):
+            s.check(sm(*s.inputs))
+            seen.append((sm._learning, len(sm._exec.inflight), sm._exec.serial))
+        assert sm.plan.loads and sm.costs is not None
+    assert seen[0] == ("overlapped", 0, False)  # about to be timed
+    assert seen[1] == ("pure", 0, True)  # about to run serially
+    assert seen[2][0] in ("done", "check")

@@ -212,7 +212,8 @@ def read_cached(key: dict, log=None) -> tuple[Profile | None, Path]:
                       and set(prof.sizes) == {u.uid for u in prof.program.units}
                       and c.read_bps > 0 and all(math.isfinite(x) and x >= 0 for x in
                                                  (*c.compute_s, c.pre_s, c.read_bps, c.read_lat_s,
-                                                  c.read_slowdown, c.disk_slowdown)))
+                                                  c.read_slowdown, c.disk_slowdown))
+                      and isinstance(c.inflight_bytes, int) and c.inflight_bytes >= 0)
     except Exception as e:  # any malformed content: the file is a cache, measuring again is always right
         if log:
             log(f"profile cache {path} is unreadable ({type(e).__name__}: {e}): measuring again")

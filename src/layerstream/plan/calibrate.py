@@ -97,4 +97,8 @@ def calibrate(program: Program, sizes: dict[int, int], pure: CostModel, plan: Pl
     for _ in range(rounds):
         costs = fit_read_slowdown(program, sizes, costs, plan, measured_compute_s)
         costs = fit_disk_slowdown(program, sizes, costs, plan, measured_s)
-    return calibrate_read_bps(program, sizes, costs, plan, measured_s)
+    slower = calibrate_read_bps(program, sizes, costs, plan, measured_s)
+    if slower.read_bps != costs.read_bps:  # a slower disk overlaps compute longer: the tax is less per second
+        costs = fit_read_slowdown(program, sizes, slower, plan, measured_compute_s)
+        costs = calibrate_read_bps(program, sizes, costs, plan, measured_s)
+    return costs

@@ -89,7 +89,7 @@ class CostModel:
         slowdown = d.get("read_slowdown")
         if slowdown is None:  # saved before the tax was a slowdown: it was a cost per byte read
             k = d.get("read_tax_s_per_byte", 0.0) * d["read_bps"]  # the share of compute lost while reading
-            slowdown = k / (1.0 - k) if k < 1.0 else MAX_SLOWDOWN
+            slowdown = min(MAX_SLOWDOWN, k / (1.0 - k)) if k < 1.0 else MAX_SLOWDOWN
         return cls(tuple(d["compute_s"]), d["pre_s"], d["read_bps"], d["read_lat_s"], slowdown,
                    d.get("disk_slowdown", 0.0), d.get("inflight_bytes", 0),
                    tuple((int(u), int(n)) for u, n in d.get("read_bytes", ())))  # (absent before read bytes were)

@@ -74,16 +74,20 @@ class CpsatModel:
 
         self.T = m.new_int_var(0, H, "T")
         self.res = {u: m.new_bool_var(f"res{u}") for u in self.units}
-        # The read tax: compute runs slower while the disk reads (`CostModel.read_slowdown`, x). Within a
-        # period T the disk is busy for the call's read time R and compute for its slowed length W, so they
-        # overlap for at least R + W - T, and W >= C + k (R + W - T) with k = x / (1 + x), C the pure
-        # compute: hence T >= C + k R, linear in the residency Booleans (`read_tax_s_per_byte` = k per
-        # byte, read latency left out). Which step a read slows is not modelled, so steps keep their pure
-        # lengths: any other per-step tax could forbid a real schedule whose reads avoid that step.
+        # The read tax: compute and the disk slow each other while both run (`CostModel.read_slowdown` x,
+        # `disk_slowdown` y). In a period T, with C the pure compute, R the reads' time alone and O the
+        # time both run: compute lasts W = C + k O and the disk D = R + k' O (k = x / (1 + x),
+        # k' = y / (1 + y)), and O >= W + D - T. With T >= W this gives T >= C + min(1, k / (1 - k')) R,
+        # and with T >= D, T >= R + min(1, k' / (1 - k)) C (where k + k' >= 1, T >= C + R), linear in
+        # the residency Booleans (the first with read latency left out, `read_tax_s_per_byte` the k per
+        # byte). Which step a read slows is not modelled, so steps keep their pure lengths: any per-step
+        # tax could forbid a real schedule whose reads avoid that step.
         # Reads are timed and taxed by the bytes a load reads; memory is held in slot bytes (`sizes`).
+        kx, ky = (s / (1.0 + s) for s in (costs.read_slowdown, costs.disk_slowdown))
+        per_read = min(1.0, kx / (1.0 - ky)) / costs.read_bps if costs.read_bps > 0 else 0.0
         self.read = read = {u: costs.unit_read_bytes(u, sizes[u]) for u in self.units}
-        tax = {u: quanta(costs.read_tax_s_per_byte * read[u]) for u in self.units}
-        taxq = sum(tax[u] * (1 - self.res[u]) for u in steps if u in self.res)  # k R in quanta, rounded down
+        tax = {u: quanta(per_read * read[u]) for u in self.units}
+        taxq = sum(tax[u] * (1 - self.res[u]) for u in steps if u in self.res)  # the R term, rounded down
         total = costs.compute_total_s
         self.dur = [quanta(c) for c in costs.compute_s]
         self.held_dur = [shortened(c) for c in costs.compute_s]  # a load's bytes are held until its compute ends
@@ -119,12 +123,11 @@ class CpsatModel:
                        m.new_optional_interval_var(r2, held, e2, on, f"M{i}+T")]
             demands += [sizes[u], sizes[u]]
         m.add_no_overlap(reads)
-        # The disk's slowdown beside compute (`disk_slowdown`, y), as the read tax above: the disk is
-        # busy D = R + k_y O in a period (O its overlap with compute, k_y = y / (1 + y)), and O >= C + D - T,
-        # so T >= R + k_y C.
-        ky = costs.disk_slowdown / (1.0 + costs.disk_slowdown)
-        if ky > 0 and streamed_steps:
-            m.add(self.T >= sum(self.rd[i] * self.res[steps[i]].Not() for i in streamed_steps) + quanta(ky * total))
+        # The disk's side of the read tax above: T >= R + min(1, k' / (1 - k)) C.
+        per_compute = min(1.0, ky / (1.0 - kx))
+        if per_compute > 0 and streamed_steps:
+            m.add(self.T >= sum(self.rd[i] * self.res[steps[i]].Not() for i in streamed_steps)
+                  + quanta(per_compute * total))
         if memory:
             m.add_cumulative(memory, demands, cap)
         # Reads in step order (the runtime issues loads in order and the disk serves them FIFO): f[k]

@@ -114,7 +114,7 @@ def _run(program: Program, sizes: dict[int, int], costs: CostModel, plan: Plan, 
     consumed: list[float] = []
     # The disk reads at most this long (alone) during one compute: the reads in flight when it started
     # (kernel AIO is refilled only between steps, on the compute thread)
-    cap = costs.inflight_bytes / costs.read_bps if costs.inflight_bytes else float("inf")
+    cap = costs.inflight_bytes / costs.read_bps if costs.inflight_bytes and costs.read_bps > 0 else float("inf")
     coupled = cslow != 1.0 or dslow != 1.0 or cap != float("inf")
     t = 0.0
     # The disk's current read (load len(done), if one is issued and not done): when it ends at the
@@ -172,12 +172,12 @@ def _run(program: Program, sizes: dict[int, int], costs: CostModel, plan: Plan, 
             if room < head_left:  # the reads in flight are done: the disk idles until the compute ends
                 dt = room * dslow
                 t += dt
-                c -= dt / cslow
+                c = max(0.0, c - dt / cslow)
                 head_left -= room
                 break
             dt = head_left * dslow
             t += dt
-            c -= dt / cslow
+            c = max(0.0, c - dt / cslow)  # (it may end with the read: nothing left, not a float below 0)
             room -= head_left
             finish_read(t)
         t += c

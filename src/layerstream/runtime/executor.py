@@ -112,7 +112,8 @@ class Executor(RingSpace):
         self.trace.add(path or "<top>", "compute", self.t_open.pop(path, t1), t1, "compute")
         self.active[path] -= 1
         self.release([uid for uid in self.cap.root_units[path] if self.closer[uid] == path])
-        self.io.progress()
+        if self.stage is None:
+            self.io.progress()
 
     # ---- units computed by lookup.py (gather, block) ----------------------------------------------
     def acquire(self, uid: int) -> int:
@@ -288,6 +289,8 @@ class Executor(RingSpace):
         self._submit(load)
 
     def set_serial(self, serial: bool) -> None:
+        if serial:  # the next call's first loads were issued when this one ended: a serial call reads none ahead
+            self.drop_prefetched()
         self.serial = serial
         self.issue_idx = max(self.issue_idx, self.consume_idx)
 
