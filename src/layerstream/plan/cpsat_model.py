@@ -124,7 +124,7 @@ class CpsatModel:
             demands += [sizes[u], sizes[u]]
         m.add_no_overlap(reads)
         # The disk's side of the read tax above: T >= R + min(1, k' / (1 - k)) C.
-        per_compute = min(1.0, ky / (1.0 - kx))
+        self.per_compute = per_compute = min(1.0, ky / (1.0 - kx))
         if per_compute > 0 and streamed_steps:
             m.add(self.T >= sum(self.rd[i] * self.res[steps[i]].Not() for i in streamed_steps)
                   + quanta(per_compute * total))
@@ -197,10 +197,12 @@ class CpsatModel:
         ring = math.ceil(ratio * cap / (costs.read_bps * q))  # the whole budget's, in read quanta, rounded up
         full = {i: quanta(costs.read_s(self.read[steps[i]])) for i in self.streamed_steps}
         span = len(steps) if len(steps) <= WINDOW_STEPS else WINDOW_SPAN
-        # The disk reads little during a compute: at most `inflight_bytes` (CostModel), and at its slowed
-        # rate for at most the compute's slowed length (`read_allowance`). The reads the window needs
-        # beyond that happen while compute waits: the window is also at least its steps' computes plus
-        # what they leave unread.
+        # Within a window, its computes and the reads it needs slow each other as in a period (the read
+        # tax's comment in __init__): it lasts at least those reads plus the disk's share of those
+        # computes. And the disk reads little during a compute: at most `inflight_bytes` (CostModel),
+        # at its slowed rate, for at most the compute's slowed length (`read_allowance`). The reads the
+        # window needs beyond that happen while compute waits: the window is also at least its steps'
+        # computes plus what they leave unread.
         allow = self.read_allowance(costs)
         tighter = any(a < d for a, d in zip(allow, self.dur))  # else the cut is the one above
         for a in range(len(steps)):
@@ -213,6 +215,9 @@ class CpsatModel:
                     n += 1
                     lat = math.ceil(costs.read_lat_s * n / q)
                     m.add(self.c[b] - self.c[a] + 1 >= sum(reads) - lat - ring + held + mine)
+                    if self.per_compute > 0:  # the period's cut T >= R + min(1, k'/(1-k)) C, over the window
+                        m.add(self.c[b] - self.c[a] + 1 >= sum(reads) - lat - ring + held + mine
+                              + int(self.per_compute * computes))
                     if tighter:
                         m.add(self.c[b] - self.c[a] + 1 >= sum(reads) - lat - ring + held + mine + computes
                               - allowed)
