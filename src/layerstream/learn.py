@@ -4,8 +4,9 @@ Call 1 runs the registration-order guess; units are merged along the order it re
 runs that program with reads overlapping compute and is timed step by step. Call 3 runs it serially
 (each read only when compute asks), so its steps time pure compute and its waits the disk alone. The
 simulator is then fitted to call 2: how much slower compute ran beside reads (the read tax) and the
-disk beside compute (plan/calibrate.py). That makes the cost model; the greedy planner's plan replaces the fill plan if the simulator
-predicts it faster. Calls 2 and 3 must have the same input shapes (`key`) to be compared:
+disk beside compute (plan/calibrate.py). That makes the cost model; the greedy planner's plan
+replaces the fill plan if the simulator predicts it faster. Calls 2 and 3 start with nothing read
+ahead (the previous call's end issues the next call's first loads; they are given back). Calls 2 and 3 must have the same input shapes (`key`) to be compared:
 generate()'s prefill and decoding steps differ, so a serial call whose shapes differ from the timed
 one's is thrown away and the next call is timed again.
 

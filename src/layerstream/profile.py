@@ -120,7 +120,8 @@ class Profile:
                 f"{fmt_bytes(self.max_unit)}; compute {c.compute_total_s * 1e3:.2f} ms per call with every weight "
                 f"resident; reads {c.read_bps / 1e9:.2f} GB/s + {c.read_lat_s * 1e6:.0f} us each; compute "
                 f"{1 + c.read_slowdown:.2f}x slower while the disk reads, the disk {1 + c.disk_slowdown:.2f}x "
-                "slower while compute runs" + (f", {fmt_bytes(c.inflight_bytes)} read at most per step" if c.inflight_bytes else ""))
+                "slower while compute runs"
+                + (f", {fmt_bytes(c.inflight_bytes)} read at most per step" if c.inflight_bytes else ""))
 
 
 def profile(spec, weights: str | os.PathLike, budget="25%", device="cpu", max_unit: int | None = None,

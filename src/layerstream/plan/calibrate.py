@@ -1,4 +1,4 @@
-"""Fit the cost model's read speed and read slowdown to a call that was really run.
+"""Fit the cost model's read speed and slowdowns to a call that was really run.
 
 A short read-speed probe reads bytes that the first calls just read, so on a machine whose host caches
 the file it reports the cache's speed (seen on the GPU machine: 2.4 GB/s probed, 1.45 GB/s while

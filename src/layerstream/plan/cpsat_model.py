@@ -2,15 +2,14 @@
 
 The model (OR-Tools CP-SAT; times in integer quanta of the call's serial worst case / RESOLUTION):
   - a Boolean per unit the call uses: resident or streamed (pinned units are always resident);
-  - per step, a compute of its pure length, one after another, the call's period T after the last,
-    and T at least the call's compute plus its read tax as if every read overlapped compute, and at
-    least its reads plus the disk's slowdown over all compute (bounds every schedule meets: see the
-    comments below; linear in the Booleans);
+  - per step, a compute of its pure length, one after another, the call's period T after the last;
+    T, and every window between two step starts, at least what compute and the disk slowing each
+    other imply (bounds every schedule meets: see the comments below; linear in the Booleans);
   - per streamed step, an optional read interval (present iff its unit streams), as long as reading
-    (with the disk alone) the bytes its load reads (`CostModel.read_bytes`: less than the slot for int8 and gather units),
-    that ends before its compute starts and starts no earlier than a period before that (the runtime
-    reads at most one call ahead); reads share one no-overlap channel (the disk serves one read at a
-    time), in step order, the next call's first read after this call's last;
+    (with the disk alone) the bytes its load reads (`CostModel.read_bytes`: less than the slot for
+    int8 and gather units), that ends before its compute starts and starts no earlier than a period
+    before that (the runtime reads at most one call ahead); reads share one no-overlap channel (the
+    disk serves one read at a time), in step order, the next call's first read after this call's last;
   - per streamed step, an optional memory interval of its slot bytes from its read's start to its
     compute's end, and per resident unit one over the whole horizon, under a cumulative constraint:
     the arena's bytes in use never exceed the budget;
@@ -28,9 +27,9 @@ infeasible here), so the bound is low by at most a quantum per step, and by abou
 streamed step for the read tax (each unit's tax is rounded down to whole quanta). Steps are not
 slowed one by one, nor reads, so a plan whose reads and computes slow each other where a load is
 waited for is predicted slower by the simulator than by this model: that, too, is a gap between the
-plan and the bound. The bound is
-CP-SAT's proven bound on the model's optimum, so when the solver stops at its time limit it is weaker
-still, and it says nothing about the disk or the device being slower than the cost model says. The simulator reports the third of three back-to-back calls, which
+plan and the bound. The bound is CP-SAT's proven bound on the model's optimum, so when the solver
+stops at its time limit it is weaker still, and it says nothing about the disk or the device being
+slower than the cost model says. The simulator reports the third of three back-to-back calls, which
 a plan with a slow start may not have settled by; the bound is for the settled state.
 
 OR-Tools is never imported here: the planner passes its `cp_model` module in.

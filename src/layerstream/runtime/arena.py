@@ -32,9 +32,8 @@ class Arena:
         # Its own anonymous mapping, not torch's allocator: page-aligned for O_DIRECT, and unmapped
         # when the last view dies. Through glibc, freeing one arena raises malloc's mmap threshold, so a
         # re-planned arena would come from the brk heap beside activations and never be given back.
-        # Populated at once: an O_DIRECT read into pages never touched faults each one in (and zeroes
-        # it) on the read's path, which made the first calls of a new plan, the ones learning times,
-        # slower than every later call (ResNet-50 at 25%: costs fitted to them predicted 20% high).
+        # Populated at once, so that no O_DIRECT read faults its pages in (and zeroes them) on the read's
+        # path in the first calls of a plan, the ones learning times: every later call finds them mapped.
         self._map = mmap.mmap(-1, max(nbytes, PAGE), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _POPULATE)
         self.buf = torch.frombuffer(self._map, dtype=torch.uint8)[:nbytes]
         self.mem = memoryview(self._map)[:nbytes]

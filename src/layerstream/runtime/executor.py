@@ -43,7 +43,6 @@ class Stats:
         self.bytes_read = 0
 
 
-
 class Executor(RingSpace):
     def __init__(self, cap: Captured, layouts: dict[int, UnitLayout], plan: Plan, arena: Arena,
                  io: IOBackend, trace: Trace, stage=None, checks: dict | None = None,
