@@ -40,7 +40,8 @@ def test_cost_model_json_from_before_read_bytes_loads():
     costs = CostModel.from_json(old)
     assert costs.compute_s == (0.5, 0.25) and costs.pre_s == 0.125 and costs.read_bytes == ()
     # the tax was a cost per byte read: 0.2 of each second of reading, a slowdown of 0.25 while reading
-    assert abs(costs.read_slowdown - 0.25) < 1e-12 and abs(costs.read_tax_s_per_byte - 2e-10) < 1e-22
+    x = costs.read_slowdown
+    assert abs(x - 0.25) < 1e-12 and abs(x / (1 + x) / costs.read_bps - 2e-10) < 1e-22
     assert costs.read_sizes({0: P, 1: 2 * P}) == {0: P, 1: 2 * P}
 
 

@@ -36,7 +36,7 @@ from .capture import fuse
 from .checkpoint import shard_paths
 from .measure import disk_read_bps
 from .plan import plan_fill
-from .plan.calibrate import calibrate
+from .plan.calibrate import MIN_BPS, calibrate
 from .plan.cost import CostModel, costs_from_record, with_read_bytes
 from .plan.greedy import plan_greedy
 from .plan.simulate import simulate
@@ -51,7 +51,6 @@ CHECK_CALLS = 2  # planned calls compared (the faster one: a slow moment of the 
 CHECK_WAIT = 16  # calls of other shapes after which a cached model is kept unchecked
 LEARN_TRIES = 4  # timed calls whose serial partner had other shapes, before learning gives up
 SERIAL_MIN_BYTES = 16 * 2**20  # a serial call that read less times the disk too coarsely: the probe's speed
-MIN_BPS = 1e6  # (as calibrate_read_bps's floor)
 
 
 def check_cache_mode(mode) -> str:

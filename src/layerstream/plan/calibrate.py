@@ -22,6 +22,8 @@ from .cost import MAX_SLOWDOWN, CostModel
 from .simulate import latency, simulate, timeline
 from .types import Plan
 
+MIN_BPS = 1e6  # the slowest disk a calibration believes (bytes per second)
+
 
 def calibrate_read_bps(program: Program, sizes: dict[int, int], costs: CostModel, plan: Plan,
                        measured_s: float, iterations: int = 40) -> CostModel:
@@ -37,7 +39,7 @@ def calibrate_read_bps(program: Program, sizes: dict[int, int], costs: CostModel
 
     if not plan.loads or predicted(costs.read_bps) >= measured_s:
         return costs
-    lo, hi = 1e6, costs.read_bps  # predicted(lo) >= measured_s > predicted(hi), latency falls with speed
+    lo, hi = MIN_BPS, costs.read_bps  # predicted(lo) >= measured_s > predicted(hi), latency falls with speed
     if predicted(lo) < measured_s:
         return replace(costs, read_bps=lo)
     for _ in range(iterations):

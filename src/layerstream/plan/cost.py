@@ -71,15 +71,6 @@ class CostModel:
     def compute_total_s(self) -> float:
         return self.pre_s + sum(self.compute_s)
 
-    @property
-    def read_tax_s_per_byte(self) -> float:
-        """The compute one byte read costs when its read overlaps compute throughout: while the disk reads
-        a byte (1/read_bps s), compute does 1/(1+x) of that time's work. A steady state's latency is at
-        least its compute plus this for every byte it reads (see plan/cpsat_model.py), so it is the
-        tax per byte a planner that cannot time each read against each step charges."""
-        x = self.read_slowdown
-        return x / ((1.0 + x) * self.read_bps) if self.read_bps > 0 else 0.0
-
     def to_json(self) -> str:
         return json.dumps(asdict(self))
 

@@ -78,7 +78,7 @@ class CpsatModel:
         # time both run: compute lasts W = C + k O and the disk D = R + k' O (k = x / (1 + x),
         # k' = y / (1 + y)), and O >= W + D - T. With T >= W this gives T >= C + min(1, k / (1 - k')) R,
         # and with T >= D, T >= R + min(1, k' / (1 - k)) C (where k + k' >= 1, T >= C + R), linear in
-        # the residency Booleans (the first with read latency left out, `read_tax_s_per_byte` the k per
+        # the residency Booleans (the first with read latency left out, `per_read` its coefficient per
         # byte). Which step a read slows is not modelled, so steps keep their pure lengths: any per-step
         # tax could forbid a real schedule whose reads avoid that step.
         # Reads are timed and taxed by the bytes a load reads; memory is held in slot bytes (`sizes`).

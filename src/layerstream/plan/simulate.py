@@ -51,7 +51,11 @@ class Timeline:
     read_start_s: tuple[float, ...]  # per absolute load: the disk starts it
     released_s: tuple[float, ...]  # per absolute load: its step's compute ended
     load_bytes: tuple[int, ...]  # per absolute load: the slot bytes it holds
-    compute_s: float = 0.0  # the last call's compute (its pre and every step), as reading slowed it
+
+    @property
+    def compute_s(self) -> float:
+        """The last call's compute (its pre and every step), as reading slowed it: all but its stalls."""
+        return self.latency_s - sum(self.stalls_s)
 
 
 def _nearest_sharer(offs: list[int], lsize: list[int], ring: int) -> list[int]:
@@ -188,7 +192,7 @@ def _run(program: Program, sizes: dict[int, int], costs: CostModel, plan: Plan, 
             t = head_end if not coupled else t + head_left
             finish_read(t)
 
-    call_start = wall = 0.0
+    call_start = 0.0
     stalls: list[float] = []
     starts: list[float] = []
     load_of: list[int] = []
@@ -197,7 +201,6 @@ def _run(program: Program, sizes: dict[int, int], costs: CostModel, plan: Plan, 
         call_start = t
         issue_until(t)
         compute(costs.pre_s)
-        wall = t - call_start  # compute time of this call, as slowed
         stalls, starts, load_of = [], [], []
         for is_resident, c in work:
             issue_until(t)
@@ -206,9 +209,7 @@ def _run(program: Program, sizes: dict[int, int], costs: CostModel, plan: Plan, 
                     stalls.append(0.0)
                     starts.append(t)
                     load_of.append(-1)
-                t0 = t
                 compute(c)
-                wall += t - t0
                 continue
             t0 = t  # (its load was issued by now: the loads it waits for were released before this step)
             wait_for(k)
@@ -218,15 +219,13 @@ def _run(program: Program, sizes: dict[int, int], costs: CostModel, plan: Plan, 
                 load_of.append(k)
             consumed.append(t)
             issue_until(t)  # the next call's load of this slot may start now
-            t0 = t
             compute(c)
-            wall += t - t0
             released[k] = t
             k += 1
     if not record:
         return t - call_start
     return Timeline(t - call_start, tuple(stalls), call_start, tuple(starts), tuple(load_of), tuple(issued),
-                    tuple(started), tuple(released), tuple(lsize[j % n_load] for j in range(len(issued))), wall)
+                    tuple(started), tuple(released), tuple(lsize[j % n_load] for j in range(len(issued))))
 
 
 def latency(program: Program, sizes: dict[int, int], costs: CostModel, plan: Plan, calls: int = 3) -> float:

@@ -99,7 +99,7 @@ class Executor(RingSpace):
         if self.stage is not None:
             self._copy_finished()
         else:  # refill the device's queue: kernel AIO is submitted and reaped on this thread, between steps
-            self.io.progress()
+            self.io.progress()  # (once per root, as it starts: the last root's end is followed by this)
         for uid in self.cap.root_units[path]:
             if uid not in self.resident and uid not in self.bound and self.units[uid].mode != "block":
                 self._acquire(uid)  # (a block is acquired by lookup.py when its rows are computed)
@@ -111,8 +111,6 @@ class Executor(RingSpace):
         self.trace.add(path or "<top>", "compute", self.t_open.pop(path, t1), t1, "compute")
         self.active[path] -= 1
         self.release([uid for uid in self.cap.root_units[path] if self.closer[uid] == path])
-        if self.stage is None:
-            self.io.progress()
 
     # ---- units computed by lookup.py (gather, block) ----------------------------------------------
     def acquire(self, uid: int) -> int:
