@@ -10,7 +10,8 @@ block-device interrupts. Every figure comes from this one invocation.
     .venv/bin/python benchmarks/io_tax.py --json benchmarks/io-tax.json
 
 A tax that is a fixed slowdown while the disk is busy (not a cost per byte or per request) shows as a
-tax per MB that falls as the read speed rises, and as a slowdown that does not depend on the chunk size.
+tax per MB that falls as the read speed rises, and as a slowdown that does not depend on the chunk size;
+and reads that take turns with the compute (one before each matmul, none beside it) cost it nothing.
 """
 from __future__ import annotations
 
@@ -92,6 +93,28 @@ def _with_reads(path: str, chunk: int, a, b, alone: float, reader_cpu: int | Non
             "cpu_ticks": cpu}
 
 
+def _alternating(path: str, chunk: int, a, b, alone: float) -> dict:
+    """The same compute, with one read of `chunk` bytes before each matmul and none beside it: the reads
+    and the computes take turns, as in a serial call."""
+    size = os.path.getsize(path)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    buf = mmap.mmap(-1, chunk)
+    off, compute, reading = 0, 0.0, 0.0
+    try:
+        for _ in range(ITERS):
+            t = time.perf_counter()
+            os.preadv(fd, [buf], off)
+            reading += time.perf_counter() - t
+            off = (off + chunk) % (size - chunk)
+            off -= off % 4096
+            compute += _compute(a, b, 1)
+    finally:
+        os.close(fd)
+        buf.close()
+    return {"chunk_bytes": chunk, "compute_s": compute, "alone_s": alone, "slowdown": compute / alone - 1,
+            "read_s": reading, "read_mb_per_s": chunk * ITERS / 1e6 / reading}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="zoo:gpt2-large", help="whose weight file to read (large: no wrap)")
@@ -127,6 +150,13 @@ def main() -> None:
                       f"{case['tax_ms_per_mb']:.2f} ms per MB; steal " + ", ".join(f"{k} {v:.0%}" for k, v in case["steal_share"].items()), flush=True)
         if compute_cpus:
             os.sched_setaffinity(0, set(range(os.cpu_count())))
+        else:  # reads taking turns with compute, never beside it
+            for chunk in chunks:
+                case = _alternating(path, chunk, x, y, alone)
+                result.setdefault("alternating", []).append(case)
+                print(f"threads {threads}, a {chunk >> 10} KiB read before each matmul, none beside it: compute "
+                      f"{case['compute_s']:.2f} s against {alone:.2f} s alone (+{case['slowdown']:.0%}), reads "
+                      f"{case['read_mb_per_s']:.0f} MB/s", flush=True)
     torch.set_num_threads(threads0)
     if a.json:
         with open(a.json, "w") as f:
