@@ -13,6 +13,9 @@ The model (OR-Tools CP-SAT; times in integer quanta of the call's serial worst c
   - per streamed step, an optional memory interval of its slot bytes from its read's start to its
     compute's end, and per resident unit one over the whole horizon, under a cumulative constraint:
     the arena's bytes in use never exceed the budget;
+  - the disk's work followed from step start to step start (`_add_flow`): per step, what it reads
+    beside the compute (slowing it, at most `read_allowance`) and while compute waits, every load in
+    before its step, what was read ahead within the ring; linear in the Booleans;
   - every read and memory interval also shifted by T, so the next call's loads that start during
     this call's tail (as they do in steady state) count against this call's disk time and memory;
   - objective: minimise T, the period of the steady state of repeated calls (a warm call's latency).
@@ -24,12 +27,14 @@ allows any placement of loaded bytes (the ring's fixed offsets may not fit a sch
 allows), and reads may start before their ring bytes are freed in FIFO order. Durations are
 rounded down to whole quanta and shortened by one (so that rounding can never make a real schedule
 infeasible here), so the bound is low by at most a quantum per step, and by about one more per
-streamed step for the read tax (each unit's tax is rounded down to whole quanta). Steps are not
-slowed one by one, nor reads, so a plan whose reads and computes slow each other where a load is
-waited for is predicted slower by the simulator than by this model: that, too, is a gap between the
-plan and the bound. The bound is CP-SAT's proven bound on the model's optimum, so when the solver
-stops at its time limit it is weaker still, and it says nothing about the disk or the device being
-slower than the cost model says. The simulator reports the third of three back-to-back calls, which
+streamed step for the read tax (each unit's tax is rounded down to whole quanta) and two or three
+per step for the disk's work (`_add_flow`). The disk's work is followed as a fluid: a load read in
+part holds only that part of its slot there, and loads are issued at any moment rather than at step
+boundaries, so a plan whose ring is nearly full can run slower in the simulator than here: that,
+too, is a gap between the plan and the bound. The bound is CP-SAT's proven bound on the model's
+optimum, so when the solver stops at its time limit it is weaker still (on the zoo's programs the
+search seldom raises it above the root's in 10 s), and it says nothing about the disk or the
+device being slower than the cost model says. The simulator reports the third of three back-to-back calls, which
 a plan with a slow start may not have settled by; the bound is for the settled state.
 
 OR-Tools is never imported here: the planner passes its `cp_model` module in.
@@ -43,10 +48,11 @@ from .cost import CostModel
 from .simulate import timeline
 from .types import Plan
 
-# Time quanta per greedy's predicted latency: QUANTA_PER_STEP per step, so that the quantum a rounded
-# interval loses per step adds up to about 1% over a call; coarser proves faster, finer bounds tighter.
-QUANTA_PER_STEP = 100
-RESOLUTION_MIN, RESOLUTION_MAX = 1_000, 200_000
+# Time quanta per greedy's predicted latency: QUANTA_PER_STEP per step, so that the few quanta each
+# step's cuts give up to rounding add up to a few tenths of a percent over a call (at 100 a step they
+# cost ResNet-50's bound 2-4%); finer still proves no tighter in 10 s, and CP-SAT finds less.
+QUANTA_PER_STEP = 1000
+RESOLUTION_MIN, RESOLUTION_MAX = 1_000, 1_000_000
 WINDOW_STEPS = 40  # up to this many steps, a window cut for every pair of steps (beyond: presolve outgrows them)
 WINDOW_SPAN = 24  # beyond, a window cut for every pair at most this many steps apart
 
@@ -63,7 +69,7 @@ class CpsatModel:
         cap = budget - sum(sizes[u] for u in pinned)
         resolution = max(RESOLUTION_MIN, min(RESOLUTION_MAX, QUANTA_PER_STEP * len(steps)))
         self.q = q = max(upper_s, 1e-9) / resolution  # seconds per quantum
-        H = 2 * resolution + 2  # the optimum is below the greedy plan's `upper_s`, with room to spare
+        H = self.H = 2 * resolution + 2  # the optimum is below the greedy plan's `upper_s`, with room to spare
 
         def quanta(seconds: float) -> int:  # rounded down
             return int(seconds / q)
@@ -147,7 +153,9 @@ class CpsatModel:
         m.add(resident_bytes == sum(sizes[u] * self.res[u] for u in self.units))
         for u in self.units:
             m.add(resident_bytes + sizes[u] * (1 - self.res[u]) <= cap)
-        self._add_windows(program, sizes, costs, cap, quanta)
+        ring_terms = self._ring_terms(program, sizes, costs, cap)
+        self._add_windows(program, costs, quanta, ring_terms)
+        self._add_flow(program, costs, quanta, ring_terms)
         # Redundant, for the bound: the disk reads every streamed step within one period, and what it
         # cannot read during the computes (at most `inflight_bytes` each, the pre's included) while
         # compute waits.
@@ -169,31 +177,47 @@ class CpsatModel:
         return [math.ceil(min(flight, c * (1 + x) / (1 + y)) / self.q)
                 for c in (costs.compute_s if compute_s is None else compute_s)]
 
-    def _add_windows(self, program: Program, sizes: dict[int, int], costs: CostModel, cap: int, quanta) -> None:
+    def _ring_terms(self, program: Program, sizes: dict[int, int], costs: CostModel, cap: int):
+        """What the ring holds ahead, in read quanta: (per unit `w`, resident `held`, `ring`, `lat`) or None.
+
+        A load reads at most `ratio` times its slot (the most any unit reads per slot byte: 1 when
+        every unit reads its slot, about 1/4 when all are int8), so the reads of the loads held at
+        once take at most `ratio` times their slots' bytes over the read speed (plus a read latency
+        each). w[u]: unit u's slot so scaled, rounded down (as `held`, the resident units' sum: a
+        smaller right side); `ring`: the whole budget's, rounded up; `lat`: the read latencies of as
+        many loads as the ring could hold at once (the smallest slots of two calls' steps), rounded up.
+        None when a unit has no slot: no ratio or count bounds its reads, so no cut on what the ring
+        holds is sure to hold.
+        """
+        if not self.streamed_steps or any(not sizes[u] for u in self.units):
+            return None
+        ratio = max((self.read[u] / sizes[u] for u in self.units if sizes[u]), default=1.0)
+        if ratio != 1.0:
+            ratio *= 1 + 1e-9  # so that float rounding never puts a unit's read above ratio x its slot
+        w = {u: int(ratio * sizes[u] / (costs.read_bps * self.q)) for u in self.units}
+        held = self.m.new_int_var(0, sum(w.values()), "resident_read_quanta")
+        self.m.add(held == sum(w[u] * self.res[u] for u in self.units))
+        loads, room = 0, cap
+        for size in sorted(2 * [sizes[u] for u in program.steps if u in self.res]):
+            if size > room:
+                break
+            loads, room = loads + 1, room - size
+        ring = math.ceil(ratio * cap / (costs.read_bps * self.q))
+        return w, held, ring, math.ceil(costs.read_lat_s * loads / self.q)
+
+    def _add_windows(self, program: Program, costs: CostModel, quanta, ring_terms) -> None:
         """Redundant cuts that make the bound strong early: reads between two computes, less what fit the ring.
 
         Between the starts of steps a and b the disk reads every streamed load of steps a+1..b but those
         whose read began before step a started; those were all held at that moment beside step a's own
         load, so their slot bytes fit the ring (the budget less the resident slots less step a's), and
-        the time they saved is at most the bytes they read over the read speed plus one read latency
-        each. A load reads at most `ratio` times its slot (the most any unit reads per slot byte: 1 when
-        every unit reads its slot, about 1/4 when all are int8), so the bytes they read are at most
-        `ratio` times the ring's: the slot terms below are scaled by it. Terms are rounded so that every
-        real schedule still satisfies the integer cut.
+        the time they saved is at most their reads' time (`_ring_terms`) plus one read latency each.
+        Terms are rounded so that every real schedule still satisfies the integer cut.
         """
         m, steps, q = self.m, program.steps, self.q
-        if not self.streamed_steps:
+        if ring_terms is None:
             return
-        if any(self.read[u] and not sizes[u] for u in self.units):
-            return  # a read with no slot: no ratio bounds it, so no window cut is sure to hold
-        ratio = max((self.read[u] / sizes[u] for u in self.units if sizes[u]), default=1.0)
-        if ratio != 1.0:
-            ratio *= 1 + 1e-9  # so that float rounding never puts a unit's read above ratio x its slot
-        # a unit's slot bytes x ratio, in read quanta (rounded down, with `held`: a smaller right side)
-        w = {u: int(ratio * sizes[u] / (costs.read_bps * q)) for u in self.units}
-        held = m.new_int_var(0, sum(w.values()), "resident_read_quanta")
-        m.add(held == sum(w[u] * self.res[u] for u in self.units))
-        ring = math.ceil(ratio * cap / (costs.read_bps * q))  # the whole budget's, in read quanta, rounded up
+        w, held, ring, _ = ring_terms
         full = {i: quanta(costs.read_s(self.read[steps[i]])) for i in self.streamed_steps}
         span = len(steps) if len(steps) <= WINDOW_STEPS else WINDOW_SPAN
         # Within a window, its computes and the reads it needs slow each other as in a period (the read
@@ -222,6 +246,60 @@ class CpsatModel:
                               - allowed)
                 computes += self.dur[b]
                 allowed += allow[b]
+
+    def _add_flow(self, program: Program, costs: CostModel, quanta, ring_terms) -> None:
+        """Redundant cuts that follow the disk's work through the call, interval by interval.
+
+        The call is cut at its step starts into intervals: the pre, then each step's compute with the
+        wait before the next. D[j] is the disk's work (seconds alone) done at interval j's start on
+        this call's loads and later ones, counted from this call's first load (so D[0] is what the
+        previous call read ahead). In interval j the disk works `w` beside its compute (at most
+        `read_allowance`) and `g` while compute waits; the compute then lasts its pure length plus
+        x (1 + y) / (1 + x) per second of disk work beside it (compute slowed 1 + x while the disk
+        reads, the disk 1 + y while compute runs: the simulator's rules). Every streamed step's loads
+        are read by its start; the loads read ahead of the step before fit the ring (`_ring_terms`,
+        with step j's own slot held during its compute); in a period the disk does one call's work.
+        Integers are floors of the real values, so each interval's cut gives up 2 quanta and a little
+        more.
+        """
+        m, steps, q = self.m, program.steps, self.q
+        if not self.streamed_steps or costs.read_bps <= 0:
+            return
+        x, y = costs.read_slowdown, costs.disk_slowdown
+        scale = 1000
+        per_work = math.floor(scale * x * (1 + y) / (1 + x))  # extra compute per disk work beside it, scaled
+        slack = 2 * scale + math.ceil(scale * x * (1 + y) / (1 + x))
+        durs = [quanta(costs.pre_s)] + self.dur
+        allow = self.read_allowance(costs, (costs.pre_s,)) + self.read_allowance(costs)
+        points = [0] + self.c + [self.T]  # interval j runs from points[j] to points[j + 1]
+        top = 4 * self.H
+        D = [m.new_int_var(0, top, f"D{j}") for j in range(len(points))]
+        rd = {i: costs.read_s(self.read[steps[i]]) / q for i in self.streamed_steps}
+        need_dn, need_up = [0] * len(steps), [0] * len(steps)  # loads of steps 0..i, read quanta
+        dn = up = 0
+        for i, u in enumerate(steps):
+            if u in self.res:
+                dn = dn + int(rd[i]) * (1 - self.res[u])
+                up = up + math.ceil(rd[i]) * (1 - self.res[u])
+                m.add(D[i + 1] >= dn)  # step i's load is in when it starts
+            need_dn[i], need_up[i] = dn, up
+        m.add(D[-1] - D[0] >= dn)  # a period's work: this call's reads
+        if ring_terms is not None:
+            w_of, held, ring, lat = ring_terms
+        for j, dur in enumerate(durs):
+            w = m.new_int_var(0, allow[j], f"w{j}")
+            g = m.new_int_var(0, top, f"g{j}")
+            m.add(D[j + 1] == D[j] + w + g)
+            m.add(scale * (points[j + 1] - points[j]) >= scale * dur + per_work * w + scale * g - slack)
+            if ring_terms is None:
+                continue
+            before = need_up[j - 2] if j >= 2 else 0  # loads of the steps before this interval's step
+            step = j - 1  # this interval's step (-1: the pre)
+            mine = w_of[steps[step]] * (1 - self.res[steps[step]]) if step >= 0 and steps[step] in self.res else 0
+            m.add(D[j] - before <= ring - held + lat)  # at its start
+            m.add(D[j] + w - (need_up[step] if step >= 0 else 0) <= ring - held - mine + lat + 1)
+        if ring_terms is not None:
+            m.add(D[-1] - need_up[-1] <= ring - held + lat)
 
     def hint(self, program: Program, sizes: dict[int, int], costs: CostModel, plan: Plan) -> None:
         """Start the search from `plan`'s simulated schedule (its last call)."""
