@@ -1,6 +1,9 @@
 """The exact planner: a CP-SAT model of one warm call, which improves on greedy and proves a bound.
 
-The model and what its bound means: cpsat_model.py.
+The model and what its bound means: cpsat_model.py. Two of them are solved: the search's (coarse
+quanta, without the disk's work followed step by step: CP-SAT finds better plans in it within the
+time limit) from greedy's plan, then the prover's (fine quanta, with it: a tighter bound) for the
+rest of the time, at least `BOUND_SHARE` of it. The higher of their bounds is reported.
 
 The runtime carries out a resident set and a ring of loads at fixed offsets, not a schedule, so the
 solver's resident set is turned into plans with a few ring sizes (the peak its schedule uses, the
@@ -24,7 +27,8 @@ from .types import Plan, check_budget, make_plan
 
 DEFAULT_TIME_LIMIT_S = 10.0
 NEIGHBOUR_SIMS = 2_000  # simulations at most to try resident sets one unit from the solver's
-WARM_SHARE = 0.2  # of the time limit at most, to turn greedy's plan into the search's first solution
+WARM_SHARE = 0.2  # of the search's time at most, to turn greedy's plan into its first solution
+BOUND_SHARE = 0.3  # of the time limit, at least, for the finer model that proves the bound
 
 
 class SolverError(LayerstreamError, RuntimeError):
@@ -98,6 +102,7 @@ def plan_cpsat(program: Program, sizes: dict[int, int], costs: CostModel, budget
         return CpsatResult(greedy_plan, greedy_pred, compute, "optimal")
     model = CpsatModel(cp_model, program, sizes, costs, budget, greedy_pred.latency_s)
     model.hint(program, sizes, costs, greedy_plan)
+    search_s = (1 - BOUND_SHARE) * time_limit_s
 
     def solver_for(seconds: float):
         solver = cp_model.CpSolver()
@@ -114,7 +119,7 @@ def plan_cpsat(program: Program, sizes: dict[int, int], costs: CostModel, budget
     # breaks a constraint, schedule greedy's resident set alone; then hint every variable of that
     # solution, which the search takes as its first.
     completed = model.m.clone()
-    first = solver_for(max(0.05, WARM_SHARE * time_limit_s))
+    first = solver_for(max(0.05, WARM_SHARE * search_s))
     first.parameters.fix_variables_to_their_hinted_value = True
     code = first.solve(completed)
     spent = first.wall_time
@@ -122,7 +127,7 @@ def plan_cpsat(program: Program, sizes: dict[int, int], costs: CostModel, budget
         resident = greedy_plan.resident_ids
         for u, v in model.res.items():
             completed.add(completed.get_int_var_from_proto_index(v.index) == int(u in resident))
-        first = solver_for(max(0.05, WARM_SHARE * time_limit_s))
+        first = solver_for(max(0.05, WARM_SHARE * search_s))
         code = first.solve(completed)
         spent += first.wall_time
     if code in (cp_model.OPTIMAL, cp_model.FEASIBLE):
@@ -130,24 +135,34 @@ def plan_cpsat(program: Program, sizes: dict[int, int], costs: CostModel, budget
         model.m.clear_hints()
         for i, value in enumerate(values):
             model.m.add_hint(model.m.get_int_var_from_proto_index(i), value)
-    solver = solver_for(max(0.05, time_limit_s - spent))
-    found: list[tuple[frozenset[int], int]] = []  # every improving solution: equal in the model, not in the ring
+    def solve(solver, model: CpsatModel, found: list[tuple[frozenset[int], int]]) -> int:
+        """Solve `model`, appending every improving solution to `found` (equal in the model, not in the ring)."""
+        class Collect(cp_model.CpSolverSolutionCallback):
+            def on_solution_callback(self) -> None:
+                found.append(model.solution(self.value, sizes, program.steps))
 
-    class Collect(cp_model.CpSolverSolutionCallback):
-        def on_solution_callback(self) -> None:
-            found.append(model.solution(self.value, sizes, program.steps))
+        code = solver.solve(model.m, Collect())
+        if code == cp_model.MODEL_INVALID:
+            raise SolverError(f"CP-SAT refused the model: {model.m.validate()}")
+        if code == cp_model.INFEASIBLE:  # the all-serial schedule is always a solution: a bug if reached
+            raise SolverError(f"CP-SAT found the model infeasible at budget {budget}; the all-serial schedule "
+                              "should always fit the minimum budget: please report this with the program")
+        return code
 
-    code = solver.solve(model.m, Collect())
-    if code == cp_model.MODEL_INVALID:
-        raise SolverError(f"CP-SAT refused the model: {model.m.validate()}")
-    if code == cp_model.INFEASIBLE:  # the all-serial schedule is always a solution: a bug if reached
-        raise SolverError(f"CP-SAT found the model infeasible at budget {budget}; the all-serial schedule "
-                          "should always fit the minimum budget: please report this with the program")
+    solver = solver_for(max(0.05, search_s - spent))
+    found: list[tuple[frozenset[int], int]] = []
+    code = solve(solver, model, found)
     status = {cp_model.OPTIMAL: "optimal", cp_model.FEASIBLE: "feasible"}.get(code, "unknown")
-    # CP-SAT's bound holds with or without a solution; no plan beats pure compute either.
-    bound = max(compute, solver.best_objective_bound * model.q)
+    # The bound: the search model's, or the finer one's that follows the disk (cpsat_model.py), whichever
+    # is higher (each holds with or without a solution); no plan beats pure compute either. The finer
+    # model gets what the search left of the time limit; its solutions are candidates too.
+    prover = CpsatModel(cp_model, program, sizes, costs, budget, greedy_pred.latency_s, for_bound=True)
+    proving = solver_for(max(0.05, time_limit_s - spent - solver.wall_time))
+    proved: list[tuple[frozenset[int], int]] = []
+    solve(proving, prover, proved)
+    bound = max(compute, solver.best_objective_bound * model.q, proving.best_objective_bound * prover.q)
     if log:
-        log(f"CP-SAT {status} in {solver.wall_time:.2f} s: model latency "
+        log(f"CP-SAT {status} in {solver.wall_time + proving.wall_time:.2f} s: model latency "
             + (f"{solver.objective_value * model.q * 1e3:.3f} ms, " if status != "unknown" else "")
             + f"bound {bound * 1e3:.3f} ms")
     best = (greedy_plan, greedy_pred.latency_s)
@@ -163,7 +178,7 @@ def plan_cpsat(program: Program, sizes: dict[int, int], costs: CostModel, budget
                 if lat < best[1]:
                     best = (plan, lat)
 
-    for resident, need in reversed(found):  # the best solution first: it wins ties
+    for resident, need in [*reversed(found), *reversed(proved)]:  # the search's best first: it wins ties
         consider(set(resident), need)
     # The model ignores where loads sit in the ring, so its best resident set may need a neighbour
     # to carry out well: for small programs try every set one unit away from the solver's best and

@@ -48,10 +48,12 @@ from .cost import CostModel
 from .simulate import timeline
 from .types import Plan
 
-# Time quanta per greedy's predicted latency: QUANTA_PER_STEP per step, so that the few quanta each
-# step's cuts give up to rounding add up to a few tenths of a percent over a call (at 100 a step they
-# cost ResNet-50's bound 2-4%); finer still proves no tighter in 10 s, and CP-SAT finds less.
-QUANTA_PER_STEP = 1000
+# Time quanta per greedy's predicted latency, per step. The search (for plans) is quicker on coarse
+# quanta and without the disk's work followed step by step; the bound is tighter on fine quanta with
+# it, where the few quanta each step's cuts give up to rounding add up to a few hundredths of a
+# percent (at 100 a step they cost ResNet-50's bound 2-4%). The planner solves one model of each.
+SEARCH_QUANTA_PER_STEP = 100
+BOUND_QUANTA_PER_STEP = 10_000
 RESOLUTION_MIN, RESOLUTION_MAX = 1_000, 1_000_000
 WINDOW_STEPS = 40  # up to this many steps, a window cut for every pair of steps (beyond: presolve outgrows them)
 WINDOW_SPAN = 24  # beyond, a window cut for every pair at most this many steps apart
@@ -61,13 +63,14 @@ class CpsatModel:
     """The CP-SAT variables of one call of `program` under `budget` (see the module docstring)."""
 
     def __init__(self, cp_model, program: Program, sizes: dict[int, int], costs: CostModel, budget: int,
-                 upper_s: float):
+                 upper_s: float, for_bound: bool = False):
         m = self.m = cp_model.CpModel()
         steps = program.steps
         pinned = {u.uid for u in program.units if u.pinned}
         self.units = sorted({u for u in steps if u not in pinned})
         cap = budget - sum(sizes[u] for u in pinned)
-        resolution = max(RESOLUTION_MIN, min(RESOLUTION_MAX, QUANTA_PER_STEP * len(steps)))
+        per_step = BOUND_QUANTA_PER_STEP if for_bound else SEARCH_QUANTA_PER_STEP
+        resolution = max(RESOLUTION_MIN, min(RESOLUTION_MAX, per_step * len(steps)))
         self.q = q = max(upper_s, 1e-9) / resolution  # seconds per quantum
         H = self.H = 2 * resolution + 2  # the optimum is below the greedy plan's `upper_s`, with room to spare
 
@@ -155,7 +158,8 @@ class CpsatModel:
             m.add(resident_bytes + sizes[u] * (1 - self.res[u]) <= cap)
         ring_terms = self._ring_terms(program, sizes, costs, cap)
         self._add_windows(program, costs, quanta, ring_terms)
-        self._add_flow(program, costs, quanta, ring_terms)
+        if for_bound:
+            self._add_flow(program, costs, quanta, ring_terms)
         # Redundant, for the bound: the disk reads every streamed step within one period, and what it
         # cannot read during the computes (at most `inflight_bytes` each, the pre's included) while
         # compute waits.
