@@ -13,9 +13,10 @@ The model (OR-Tools CP-SAT; times in integer quanta of the call's serial worst c
   - per streamed step, an optional memory interval of its slot bytes from its read's start to its
     compute's end, and per resident unit one over the whole horizon, under a cumulative constraint:
     the arena's bytes in use never exceed the budget;
-  - the disk's work followed from step start to step start (`_add_flow`): per step, what it reads
-    beside the compute (slowing it, at most `read_allowance`) and while compute waits, every load in
-    before its step, what was read ahead within the ring; linear in the Booleans;
+  - in the bound model only (`for_bound`), the disk's work followed from step start to step start
+    (`_add_flow`): per step, what it reads beside the compute (slowing it, at most
+    `read_allowance`) and while compute waits, every load in before its step, what was read ahead
+    within the ring and, as each compute ends, of whole loads begun in order (`_add_whole_loads`);
   - every read and memory interval also shifted by T, so the next call's loads that start during
     this call's tail (as they do in steady state) count against this call's disk time and memory;
   - objective: minimise T, the period of the steady state of repeated calls (a warm call's latency).
@@ -28,14 +29,15 @@ allows), and reads may start before their ring bytes are freed in FIFO order. Du
 rounded down to whole quanta and shortened by one (so that rounding can never make a real schedule
 infeasible here), so the bound is low by at most a quantum per step, and by about one more per
 streamed step for the read tax (each unit's tax is rounded down to whole quanta) and two or three
-per step for the disk's work (`_add_flow`). The disk's work is followed as a fluid: a load read in
-part holds only that part of its slot there, and loads are issued at any moment rather than at step
-boundaries, so a plan whose ring is nearly full can run slower in the simulator than here: that,
-too, is a gap between the plan and the bound. The bound is CP-SAT's proven bound on the model's
-optimum, so when the solver stops at its time limit it is weaker still (on the zoo's programs the
-search seldom raises it above the root's in 10 s), and it says nothing about the disk or the
-device being slower than the cost model says. The simulator reports the third of three back-to-back calls, which
-a plan with a slow start may not have settled by; the bound is for the settled state.
+per step for the disk's work (`_add_flow`). The disk's work is followed as a fluid, loads are
+issued at any moment rather than at step boundaries, and a load read in part holds its whole slot
+only as each compute ends, so a plan whose ring is nearly full can run slower in the simulator than
+here: that, too, is a gap between the plan and the bound. The bound is CP-SAT's proven bound on
+the model's optimum, so when the solver stops at its time limit it is weaker still (on the zoo's
+programs the search seldom raises it above the root's in 10 s), and it says nothing about the disk
+or the device being slower than the cost model says. The simulator reports the third of three
+back-to-back calls, which a plan with a slow start may not have settled by; the bound is for the
+settled state.
 
 OR-Tools is never imported here: the planner passes its `cp_model` module in.
 """
@@ -57,6 +59,7 @@ BOUND_QUANTA_PER_STEP = 10_000
 RESOLUTION_MIN, RESOLUTION_MAX = 1_000, 1_000_000
 WINDOW_STEPS = 40  # up to this many steps, a window cut for every pair of steps (beyond: presolve outgrows them)
 WINDOW_SPAN = 24  # beyond, a window cut for every pair at most this many steps apart
+WHOLE_LOADS = 8  # per step, the next loads whose beginning the bound model follows (`_add_whole_loads`)
 
 
 class CpsatModel:
@@ -152,14 +155,14 @@ class CpsatModel:
                 m.add(self.r[i] >= prev).only_enforce_if(on)
                 prev = self.f[k]
         # Redundant: the ring holds every streamed unit beside the resident ones (one at a time at least).
-        resident_bytes = m.new_int_var(0, sum(sizes[u] for u in self.units), "resident_bytes")
+        resident_bytes = self.resident_bytes = m.new_int_var(0, sum(sizes[u] for u in self.units), "resident_bytes")
         m.add(resident_bytes == sum(sizes[u] * self.res[u] for u in self.units))
         for u in self.units:
             m.add(resident_bytes + sizes[u] * (1 - self.res[u]) <= cap)
         ring_terms = self._ring_terms(program, sizes, costs, cap)
         self._add_windows(program, costs, quanta, ring_terms)
         if for_bound:
-            self._add_flow(program, costs, quanta, ring_terms)
+            self._add_flow(program, sizes, costs, cap, quanta, ring_terms)
         # Redundant, for the bound: the disk reads every streamed step within one period, and what it
         # cannot read during the computes (at most `inflight_bytes` each, the pre's included) while
         # compute waits.
@@ -251,7 +254,8 @@ class CpsatModel:
                 computes += self.dur[b]
                 allowed += allow[b]
 
-    def _add_flow(self, program: Program, costs: CostModel, quanta, ring_terms) -> None:
+    def _add_flow(self, program: Program, sizes: dict[int, int], costs: CostModel, cap: int, quanta,
+                  ring_terms) -> None:
         """Redundant cuts that follow the disk's work through the call, interval by interval.
 
         The call is cut at its step starts into intervals: the pre, then each step's compute with the
@@ -301,9 +305,38 @@ class CpsatModel:
             step = j - 1  # this interval's step (-1: the pre)
             mine = w_of[steps[step]] * (1 - self.res[steps[step]]) if step >= 0 and steps[step] in self.res else 0
             m.add(D[j] - before <= ring - held + lat)  # at its start
-            m.add(D[j] + w - (need_up[step] if step >= 0 else 0) <= ring - held - mine + lat + 1)
+            ahead = D[j] + w - (need_up[step] if step >= 0 else 0)  # read beyond its step, as its compute ends
+            m.add(ahead <= ring - held - mine + lat + 1)
+            self._add_whole_loads(program, sizes, costs, cap, step, ahead, ring + lat + 1)
         if ring_terms is not None:
             m.add(D[-1] - need_up[-1] <= ring - held + lat)
+
+    def _add_whole_loads(self, program: Program, sizes: dict[int, int], costs: CostModel, cap: int, step: int,
+                         ahead, most: int) -> None:
+        """As step `step`'s compute ends, what was read beyond it (`ahead`, + 1 for rounding) is of whole loads.
+
+        A load begun holds its whole slot, so what the disk did ahead is at most the reads of the loads
+        begun, in order, whose slots fit beside the resident units and the step's own: a Boolean per
+        next load (`WHOLE_LOADS` of them, into the next call's) says it has begun. Past the last of
+        them, only the fluid cut above (`most`: the whole ring's) holds.
+        """
+        m, steps, n = self.m, program.steps, len(program.steps)
+        after = [i for i in self.streamed_steps if i > step] + [i + n for i in self.streamed_steps]
+        begun, last = [], None
+        for i in after[:WHOLE_LOADS]:
+            u = steps[i % n]
+            z = m.new_bool_var(f"begun{step}_{i}")
+            m.add(z <= 1 - self.res[u])  # (resident: no load)
+            if last is not None:
+                m.add(z <= last[0] + self.res[last[1]])  # loads begin in order
+            begun.append((z, u))
+            last = (z, u)
+        if not begun:
+            return
+        mine = sizes[steps[step]] * (1 - self.res[steps[step]]) if step >= 0 and steps[step] in self.res else 0
+        m.add(sum(sizes[u] * z for z, u in begun) + self.resident_bytes + mine <= cap)
+        reads = sum(math.ceil(costs.read_s(self.read[u]) / self.q) * z for z, u in begun)
+        m.add(ahead <= reads + 1 + most * last[0])
 
     def hint(self, program: Program, sizes: dict[int, int], costs: CostModel, plan: Plan) -> None:
         """Start the search from `plan`'s simulated schedule (its last call)."""
