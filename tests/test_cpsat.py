@@ -128,6 +128,21 @@ def test_cpsat_bound_follows_the_disk_where_little_is_read_beside_a_compute():
     assert 0.017 * 0.995 <= bound <= 0.017
 
 
+def test_cpsat_bound_lets_loads_past_a_resident_unit_be_read_ahead():
+    # The bound model follows the next 8 loads as each compute ends; here the 8th next step is a
+    # resident unit (R: it reads 100 ms, so it cannot stream) and the 9th's load (W: an 8-page slot
+    # reading 1 page) is read during the 10 ms pre with the seven 1-page loads and V before it; only
+    # W's page is left for a 1 ms wait: 11 ms. A bound that forgot the loads past a resident 8th
+    # (a review found one) claimed 11.97 ms.
+    R, V, W = 7, 8, 9
+    prog = program(range(10), 10)
+    sizes = {**{i: P for i in range(7)}, R: 100 * P, V: P, W: 8 * P}
+    costs = with_read_bytes(CostModel((0.0,) * 10, 0.010, read_bps=P / 1e-3, read_lat_s=0.0), sizes, {W: P})
+    plan, pred, bound, _ = plan_cpsat(prog, sizes, costs, 108 * P, time_limit_s=LIMIT_S, workers=1)
+    assert plan.resident_ids == {R} and pred.latency_s == pytest.approx(0.011)
+    assert bound <= pred.latency_s * (1 + 1e-9)
+
+
 def test_cpsat_stops_at_once_when_greedy_is_pure_compute():
     # The sparse/dense program of test_planner at 48 pages: greedy hides every read (7.0 s, pure
     # compute), which no plan can beat: its plan comes back, proven optimal, without a solve.

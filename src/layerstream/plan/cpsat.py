@@ -15,6 +15,7 @@ OR-Tools is imported only when the planner runs, so `layerstream.plan` stays imp
 """
 from __future__ import annotations
 
+import warnings
 from typing import NamedTuple
 
 from ..errors import LayerstreamError
@@ -135,15 +136,16 @@ def plan_cpsat(program: Program, sizes: dict[int, int], costs: CostModel, budget
         model.m.clear_hints()
         for i, value in enumerate(values):
             model.m.add_hint(model.m.get_int_var_from_proto_index(i), value)
-    def solve(solver, model: CpsatModel, found: list[tuple[frozenset[int], int]]) -> int:
-        """Solve `model`, appending every improving solution to `found` (equal in the model, not in the ring)."""
+    def solve(solver, which: CpsatModel, found: list[tuple[frozenset[int], int]]) -> int:
+        """Solve `which`, appending every improving solution to `found` (equal in the model, not in the ring)."""
+
         class Collect(cp_model.CpSolverSolutionCallback):
             def on_solution_callback(self) -> None:
-                found.append(model.solution(self.value, sizes, program.steps))
+                found.append(which.solution(self.value, sizes, program.steps))
 
-        code = solver.solve(model.m, Collect())
+        code = solver.solve(which.m, Collect())
         if code == cp_model.MODEL_INVALID:
-            raise SolverError(f"CP-SAT refused the model: {model.m.validate()}")
+            raise SolverError(f"CP-SAT refused the model: {which.m.validate()}")
         if code == cp_model.INFEASIBLE:  # the all-serial schedule is always a solution: a bug if reached
             raise SolverError(f"CP-SAT found the model infeasible at budget {budget}; the all-serial schedule "
                               "should always fit the minimum budget: please report this with the program")
@@ -159,10 +161,14 @@ def plan_cpsat(program: Program, sizes: dict[int, int], costs: CostModel, budget
     prover = CpsatModel(cp_model, program, sizes, costs, budget, greedy_pred.latency_s, for_bound=True)
     proving = solver_for(max(0.05, time_limit_s - spent - solver.wall_time))
     proved: list[tuple[frozenset[int], int]] = []
-    solve(proving, prover, proved)
-    bound = max(compute, solver.best_objective_bound * model.q, proving.best_objective_bound * prover.q)
+    bound = max(compute, solver.best_objective_bound * model.q)
+    try:
+        solve(proving, prover, proved)
+        bound = max(bound, proving.best_objective_bound * prover.q)
+    except SolverError as e:  # a bug, but the search's plans and bound still stand
+        warnings.warn(f"{e} (the bound model; the search model's bound is reported)", RuntimeWarning, stacklevel=2)
     if log:
-        log(f"CP-SAT {status} in {solver.wall_time + proving.wall_time:.2f} s: model latency "
+        log(f"CP-SAT {status} in {solver.wall_time + proving.wall_time:.2f} s: search model latency "
             + (f"{solver.objective_value * model.q * 1e3:.3f} ms, " if status != "unknown" else "")
             + f"bound {bound * 1e3:.3f} ms")
     best = (greedy_plan, greedy_pred.latency_s)

@@ -34,7 +34,7 @@ issued at any moment rather than at step boundaries, and a load read in part hol
 only as each compute ends, so a plan whose ring is nearly full can run slower in the simulator than
 here: that, too, is a gap between the plan and the bound. The bound is CP-SAT's proven bound on
 the model's optimum, so when the solver stops at its time limit it is weaker still (on the zoo's
-programs the search seldom raises it above the root's in 10 s), and it says nothing about the disk
+programs CP-SAT's branching seldom raises it above its linear relaxation's in 10 s), and it says nothing about the disk
 or the device being slower than the cost model says. The simulator reports the third of three
 back-to-back calls, which a plan with a slow start may not have settled by; the bound is for the
 settled state.
@@ -193,10 +193,10 @@ class CpsatModel:
         each). w[u]: unit u's slot so scaled, rounded down (as `held`, the resident units' sum: a
         smaller right side); `ring`: the whole budget's, rounded up; `lat`: the read latencies of as
         many loads as the ring could hold at once (the smallest slots of two calls' steps), rounded up.
-        None when a unit has no slot: no ratio or count bounds its reads, so no cut on what the ring
-        holds is sure to hold.
+        None when a unit reads with no slot: no ratio bounds its reads, so no cut on what the ring
+        holds is sure to hold (one that reads nothing costs a latency per load, which `lat` counts).
         """
-        if not self.streamed_steps or any(not sizes[u] for u in self.units):
+        if not self.streamed_steps or any(self.read[u] and not sizes[u] for u in self.units):
             return None
         ratio = max((self.read[u] / sizes[u] for u in self.units if sizes[u]), default=1.0)
         if ratio != 1.0:
@@ -266,9 +266,9 @@ class CpsatModel:
         x (1 + y) / (1 + x) per second of disk work beside it (compute slowed 1 + x while the disk
         reads, the disk 1 + y while compute runs: the simulator's rules). Every streamed step's loads
         are read by its start; the loads read ahead of the step before fit the ring (`_ring_terms`,
-        with step j's own slot held during its compute); in a period the disk does one call's work.
-        Integers are floors of the real values, so each interval's cut gives up 2 quanta and a little
-        more.
+        with each step's own slot held during its compute); in a period the disk does one call's work.
+        Integers are floors of the real values (with w at most the real w's floor plus one, which the
+        read-ahead cuts' + 1 allows for), so each interval's cut gives up 2 quanta and a little more.
         """
         m, steps, q = self.m, program.steps, self.q
         if not self.streamed_steps or costs.read_bps <= 0:
@@ -283,14 +283,14 @@ class CpsatModel:
         top = 4 * self.H
         D = [m.new_int_var(0, top, f"D{j}") for j in range(len(points))]
         rd = {i: costs.read_s(self.read[steps[i]]) / q for i in self.streamed_steps}
-        need_dn, need_up = [0] * len(steps), [0] * len(steps)  # loads of steps 0..i, read quanta
+        need_up = [0] * len(steps)  # reads of the loads of steps 0..i, in quanta, rounded up
         dn = up = 0
         for i, u in enumerate(steps):
             if u in self.res:
                 dn = dn + int(rd[i]) * (1 - self.res[u])
                 up = up + math.ceil(rd[i]) * (1 - self.res[u])
                 m.add(D[i + 1] >= dn)  # step i's load is in when it starts
-            need_dn[i], need_up[i] = dn, up
+            need_up[i] = up
         m.add(D[-1] - D[0] >= dn)  # a period's work: this call's reads
         if ring_terms is not None:
             w_of, held, ring, lat = ring_terms
@@ -316,27 +316,30 @@ class CpsatModel:
         """As step `step`'s compute ends, what was read beyond it (`ahead`, + 1 for rounding) is of whole loads.
 
         A load begun holds its whole slot, so what the disk did ahead is at most the reads of the loads
-        begun, in order, whose slots fit beside the resident units and the step's own: a Boolean per
-        next load (`WHOLE_LOADS` of them, into the next call's) says it has begun. Past the last of
-        them, only the fluid cut above (`most`: the whole ring's) holds.
+        begun, in order, whose slots fit beside the resident units and the step's own. Per next step
+        (`WHOLE_LOADS` of them, into the next call's), `passed`: the disk has begun every load up to it
+        (in order: each implies the one before), so a streamed one is `begun`. Past the last of them,
+        only the fluid cut holds (`most`: the whole ring's), so the cut gives way when it is passed.
         """
         m, steps, n = self.m, program.steps, len(program.steps)
         after = [i for i in self.streamed_steps if i > step] + [i + n for i in self.streamed_steps]
-        begun, last = [], None
+        begun, passed = [], None
         for i in after[:WHOLE_LOADS]:
             u = steps[i % n]
-            z = m.new_bool_var(f"begun{step}_{i}")
+            z, p = m.new_bool_var(f"begun{step}_{i}"), m.new_bool_var(f"passed{step}_{i}")
             m.add(z <= 1 - self.res[u])  # (resident: no load)
-            if last is not None:
-                m.add(z <= last[0] + self.res[last[1]])  # loads begin in order
+            m.add(z <= p)
+            m.add(z >= p - self.res[u])
+            if passed is not None:
+                m.add(p <= passed)
             begun.append((z, u))
-            last = (z, u)
+            passed = p
         if not begun:
             return
         mine = sizes[steps[step]] * (1 - self.res[steps[step]]) if step >= 0 and steps[step] in self.res else 0
         m.add(sum(sizes[u] * z for z, u in begun) + self.resident_bytes + mine <= cap)
         reads = sum(math.ceil(costs.read_s(self.read[u]) / self.q) * z for z, u in begun)
-        m.add(ahead <= reads + 1 + most * last[0])
+        m.add(ahead <= reads + 1 + most * passed)
 
     def hint(self, program: Program, sizes: dict[int, int], costs: CostModel, plan: Plan) -> None:
         """Start the search from `plan`'s simulated schedule (its last call)."""
