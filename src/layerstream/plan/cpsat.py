@@ -136,6 +136,7 @@ def plan_cpsat(program: Program, sizes: dict[int, int], costs: CostModel, budget
         model.m.clear_hints()
         for i, value in enumerate(values):
             model.m.add_hint(model.m.get_int_var_from_proto_index(i), value)
+
     def solve(solver, which: CpsatModel, found: list[tuple[frozenset[int], int]]) -> int:
         """Solve `which`, appending every improving solution to `found` (equal in the model, not in the ring)."""
 
