@@ -53,13 +53,13 @@ from .types import Plan
 # Time quanta per greedy's predicted latency, per step. The search (for plans) is quicker on coarse
 # quanta and without the disk's work followed step by step; the bound is tighter on fine quanta with
 # it, where the few quanta each step's cuts give up to rounding add up to a few hundredths of a
-# percent (at 100 a step they cost ResNet-50's bound 2-4%). The planner solves one model of each.
+# percent (at 100 a step they cost ResNet-50's bound 1.7-3%). The planner solves one model of each.
 SEARCH_QUANTA_PER_STEP = 100
 BOUND_QUANTA_PER_STEP = 10_000
 RESOLUTION_MIN, RESOLUTION_MAX = 1_000, 1_000_000
 WINDOW_STEPS = 40  # up to this many steps, a window cut for every pair of steps (beyond: presolve outgrows them)
 WINDOW_SPAN = 24  # beyond, a window cut for every pair at most this many steps apart
-WHOLE_LOADS = 8  # per step, the next loads whose beginning the bound model follows (`_add_whole_loads`)
+WHOLE_LOADS = 8  # per step, the next steps whose loads' beginning the bound model follows (`_add_whole_loads`)
 
 
 class CpsatModel:
