@@ -6,9 +6,10 @@ runs that program with reads overlapping compute and is timed step by step. Call
 simulator is then fitted to call 2: how much slower compute ran beside reads (the read tax) and the
 disk beside compute (plan/calibrate.py). That makes the cost model; the greedy planner's plan
 replaces the fill plan if the simulator predicts it faster. Calls 2 and 3 start with nothing read
-ahead (the previous call's end issues the next call's first loads; they are given back). Calls 2 and 3 must have the same input shapes (`key`) to be compared:
-generate()'s prefill and decoding steps differ, so a serial call whose shapes differ from the timed
-one's is thrown away and the next call is timed again.
+ahead (the previous call's end issues the next call's first loads; they are given back), and must
+have the same input shapes (`key`) to be compared: generate()'s prefill and decoding steps differ,
+so a serial call whose shapes differ from the timed one's is thrown away and the next call is timed
+again.
 
 The cost model is kept in the profile cache (profile.py's directory), keyed by everything its numbers
 depend on: the weight files as opened (path, size, mtime, header hash), the model's class and config,

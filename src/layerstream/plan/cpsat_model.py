@@ -212,6 +212,12 @@ class CpsatModel:
         ring = math.ceil(ratio * cap / (costs.read_bps * self.q))
         return w, held, ring, math.ceil(costs.read_lat_s * loads / self.q)
 
+    def _own_slot(self, per_unit: dict[int, int], steps: tuple[int, ...], step: int):
+        """Step `step`'s slot, as `per_unit` counts it (bytes, read quanta), if it streams; 0 for the pre (-1)."""
+        if step < 0 or steps[step] not in self.res:
+            return 0
+        return per_unit[steps[step]] * (1 - self.res[steps[step]])
+
     def _add_windows(self, program: Program, costs: CostModel, quanta, ring_terms) -> None:
         """Redundant cuts that make the bound strong early: reads between two computes, less what fit the ring.
 
@@ -236,7 +242,7 @@ class CpsatModel:
         allow = self.read_allowance(costs)
         tighter = any(a < d for a, d in zip(allow, self.dur))  # else the cut is the one above
         for a in range(len(steps)):
-            mine = w[steps[a]] * (1 - self.res[steps[a]]) if steps[a] in self.res else 0
+            mine = self._own_slot(w, steps, a)
             reads, n = [], 0
             computes, allowed = self.dur[a], allow[a]  # steps a..b-1
             for b in range(a + 1, min(len(steps), a + 1 + span)):
@@ -303,7 +309,7 @@ class CpsatModel:
                 continue
             before = need_up[j - 2] if j >= 2 else 0  # loads of the steps before this interval's step
             step = j - 1  # this interval's step (-1: the pre)
-            mine = w_of[steps[step]] * (1 - self.res[steps[step]]) if step >= 0 and steps[step] in self.res else 0
+            mine = self._own_slot(w_of, steps, step)
             m.add(D[j] - before <= ring - held + lat)  # at its start
             ahead = D[j] + w - (need_up[step] if step >= 0 else 0)  # read beyond its step, as its compute ends
             m.add(ahead <= ring - held - mine + lat + 1)
@@ -336,7 +342,7 @@ class CpsatModel:
             passed = p
         if not begun:
             return
-        mine = sizes[steps[step]] * (1 - self.res[steps[step]]) if step >= 0 and steps[step] in self.res else 0
+        mine = self._own_slot(sizes, steps, step)
         m.add(sum(sizes[u] * z for z, u in begun) + self.resident_bytes + mine <= cap)
         reads = sum(math.ceil(costs.read_s(self.read[u]) / self.q) * z for z, u in begun)
         m.add(ahead <= reads + 1 + most * passed)
