@@ -173,7 +173,7 @@ def test_a_cached_cost_model_a_planned_call_contradicts_is_measured_again(saved)
         assert sm._learning == "overlapped" and "measured again" in sm.profile_note
         for _ in range(2):  # timed, serial
             s.check(sm(*s.inputs))
-        assert sm._learning == "done" and sm.prediction.latency_s < 0.1
+        assert sm.learning in ("done", "refine") and sm.prediction.latency_s < 0.1  # refine: greedy re-planned
         assert "kept in" in sm.profile_note
     fresh = ls.profile.Profile.from_json(path.read_text())
     assert max(fresh.costs.compute_s) < 0.01  # written over with what was measured
@@ -222,3 +222,40 @@ def test_learning_gives_up_when_every_call_has_other_shapes(saved):
         sm.generate(s.inputs[0][:, :4], max_new_tokens=2 * LEARN_TRIES + 4, do_sample=False, pad_token_id=0)
         assert sm._learning == "done" and sm.costs is None and "no cost model" in sm.profile_note
         assert not sm._exec.serial
+
+
+def test_a_re_plans_first_call_is_fitted_again_and_kept(saved):
+    # The slowdowns fitted to the fill plan's timed call mispredict a plan that reads beside other steps,
+    # so a re-plan's first call (which starts with nothing read ahead, as the timed call did) is fitted
+    # again. Greedy re-plans only when its plan is predicted faster, which a tiny model's timing does
+    # not promise, so the re-plan here is made by hand: every unit streamed, or the fill plan if that
+    # is what runs.
+    from layerstream.plan import plan_fill
+    from layerstream.plan.simulate import simulate
+    from layerstream.plan.types import make_plan
+    s = saved("tiny-gpt2")
+    with ls.stream(s.model(), s.path, budget=budget(s), max_unit=UNIT) as sm:
+        for _ in range(3):
+            s.check(sm(*s.inputs))
+        first = sm.costs
+        program, sizes = sm.cap.program, sm.sizes
+        loads = list(program.steps)
+        other = make_plan(sm.budget_bytes, [], loads, sizes, max(sizes[u] for u in loads), "greedy")
+        if sm.plan.resident_ids == other.resident_ids:
+            other = plan_fill(program, sizes, sm.budget_bytes)
+        sm._restart(sm.cap, lambda: other)
+        sm._learning, sm._refines = "refine", 1
+        s.check(sm(*s.inputs))
+        ex = sm._exec
+        assert sm.learning == "done" and sm._refines == 0  # one round asked for, one done
+        assert "fitted again to call 4" in sm.profile_note and "kept in" in sm.profile_note
+        assert sm.costs.compute_s == first.compute_s and sm.costs.read_bps <= sm._pure_costs.read_bps
+        assert sm.prediction.latency_s == pytest.approx(simulate(program, sizes, sm.costs, sm.plan).latency_s)
+        [path] = cached_files()
+        assert ls.profile.Profile.from_json(path.read_text()).costs == sm.costs  # the cache holds the refit
+        for _ in range(2):
+            s.check(sm(*s.inputs))
+        assert sm._exec is ex  # no more re-plans once the rounds are spent
+    with ls.stream(s.model(), s.path, budget=budget(s), max_unit=UNIT) as again:
+        s.check(again(*s.inputs))
+        assert again.costs == sm.costs and again.learning == "check"

@@ -29,7 +29,7 @@ from .meta import build_empty
 from .plan.cost import CostModel
 from .units import Program, TensorRef, Unit
 
-PROFILE_CALLS = 9  # at most: order, check (3), timed and serial again, and two retries of other shapes
+PROFILE_CALLS = 11  # at most: order, check (3), timed and serial again, two retries of other shapes, two refits
 CACHE_VERSION = 4  # 2: gather and block units (units carry a mode); 3: stream()'s own entries, per-unit read bytes; 4: the read tax a slowdown while reading, and the disk's beside compute. Bump when the JSON's meaning changes: older files are then measured again
 
 
@@ -148,15 +148,16 @@ def profile(spec, weights: str | os.PathLike, budget="25%", device="cpu", max_un
                     profile_cache=cache)
     doing = {"order": "learning the step order", "overlapped": "timing each step with reads overlapping compute",
              "pure": "timing each step with reads serial: pure compute",
-             "check": "checking a cached cost model against a planned call"}
+             "check": "checking a cached cost model against a planned call",
+             "refine": "fitting the slowdowns again to the re-plan's first call"}
     with sm:
         log(f"  streaming at {fmt_bytes(sm.budget_bytes)} in units of at most {fmt_bytes(sm.max_unit)}")
         for i in range(PROFILE_CALLS):  # three when measuring; a cached model is checked, maybe measured again
-            stage = sm._learning
+            stage = sm.learning
             t = time.perf_counter()
             sm(*inputs)
             log(f"  call {i + 1} ({doing[stage]}): {(time.perf_counter() - t) * 1e3:.1f} ms")
-            if sm._learning == "done":
+            if sm.learning == "done":
                 break
         if sm.profile_note:
             log(f"  {sm.profile_note}")

@@ -119,6 +119,8 @@ class StreamedModel(nn.Module):
         self._profile_bps = 0.0
         self._overlapped: CostModel | None = None
         self._overlapped_s = 0.0
+        self._pure_costs: CostModel | None = None  # the serial call's (compute and the disk alone), to refit
+        self._refines = 0  # re-plans left whose first call is fitted again (learn.REFINE_ROUNDS)
         self.prediction: Prediction | None = None
         plan = plan or plan_fill(self.cap.program, self.sizes, self.budget_bytes)
         self.trace = Trace(trace)
@@ -262,6 +264,13 @@ class StreamedModel(nn.Module):
         self._set_capture(cap)
         self._start(make_plan())
         self._exec.stats = stats
+
+    @property
+    def learning(self) -> str:
+        """What the next call teaches the planner (learn.py): "order", "overlapped" (timed), "pure" (serial),
+        "refine" (a re-plan's first call, fitted again), "check" (a cached cost model); "done" once the
+        plan is the one calls will keep running."""
+        return self._learning
 
     def report(self) -> Report:
         ex = self._exec
