@@ -223,7 +223,7 @@ def test_tradeoff_measure_runs_every_point_and_eager_in_fresh_processes(tmp_path
                      "--json", str(out_json)]) == 0
     table = capsys.readouterr().out
     d = json.loads(out_json.read_text())
-    assert d["eager_ms"] > 0 and all(p["measured_ms"] > 0 for p in d["points"])
-    assert "eager measured" in table
+    assert d["eager_ms"] > 0 and all(p["measured_ms"] > 0 and p["eager_ms"] > 0 for p in d["points"])
+    assert "eager measured" in table and "alternating" in table
     assert d["knee_bytes"]  # the whole model is always within KNEE x compute: there is always a knee
     assert "(knee)" in table and "x eager" in table

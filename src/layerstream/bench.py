@@ -55,6 +55,24 @@ def _load(cfg: dict, model, device: torch.device):
     return attach(system, model, cfg["offload_dir"], device)
 
 
+def _beside_eager(cfg: dict, spec, run, inputs, device: torch.device, lat: list[float]):
+    """`repeat` calls of `run` (after its warm-up `lat`), each right after a call of the model loaded
+    eagerly in this process: the host's speed moves within seconds (see benchmarks/RESULTS.md), so a
+    ratio to eager from runs minutes apart says more about the host than about the plan. Returns
+    (`lat` with the calls appended, eager's median). The eager copy holds every weight: this run's peak
+    RSS is not the stream's."""
+    from .eager import load_eager
+    from .meta import build_empty
+    eager = load_eager(build_empty(spec.build), cfg["weights"]).to(device)
+    _call(eager, inputs, device)  # warm-up
+    ms_eager = []
+    for _ in range(cfg["repeat"]):
+        ms_eager.append(_call(eager, inputs, device)[1])
+        lat.append(_call(run, inputs, device)[1])
+    del eager
+    return lat, statistics.median(ms_eager)
+
+
 def _call(run, inputs, device: torch.device):
     """One call, timed to its output (CUDA synchronised); returns (output, milliseconds)."""
     t = time.perf_counter()
@@ -108,6 +126,8 @@ def worker(cfg: dict) -> dict:
                 lat.append(ms)
                 warmup += 1
             res["first_misses"] = run.report().demand_misses
+        if cfg.get("beside_eager"):  # the same calls alternating with eager's, so both see the host alike
+            lat, res["eager_beside_ms"] = _beside_eager(cfg, spec, run, inputs, device, lat)
         for _ in range(cfg["repeat"] + warmup - len(lat)):
             out, ms = _call(run, inputs, device)
             lat.append(ms)

@@ -16,11 +16,14 @@ def plot_frontier(f: Frontier, title: str, path: str) -> None:
     measured = [(m, p.measured_ms) for m, p in zip(mib, f.points) if p.measured_ms is not None]
     if measured:
         ax.plot(*zip(*measured), "s--", label="measured")
+    beside = [(m, p.eager_ms) for m, p in zip(mib, f.points) if p.eager_ms is not None]
+    if beside:
+        ax.plot(*zip(*beside), "x", color="black", ms=4, label="eager, its calls alternating with each point's")
     ax.plot(mib, [p.bound_ms for p in f.points], ":", color="gray", label="bound: max(compute, reads) + first read")
     ax.axhline(f.compute_ms, color="green", lw=1, label="all weights resident (compute)")
     ax.axhline(KNEE * f.compute_ms, color="green", lw=0.6, ls="--", label=f"{KNEE:.2f} x compute")
     if f.eager_ms:
-        ax.axhline(f.eager_ms, color="black", lw=0.8, ls="-.", label="eager, measured")
+        ax.axhline(f.eager_ms, color="black", lw=0.8, ls="-.", label="eager, measured (a run of its own)")
     if f.knee_bytes:
         ax.axvline(f.knee_bytes / 2**20, color="red", lw=1, label=f"knee: {fmt_bytes(f.knee_bytes)}")
     ax.set_xscale("log")

@@ -24,6 +24,7 @@ class Point:
     streamed_bytes: int  # read from the file per call (int8 and gather units read less than their slots)
     planner: str
     measured_ms: float | None = None
+    eager_ms: float | None = None  # measured in the same run, each call beside one of measured_ms's
 
 
 @dataclass(frozen=True)
