@@ -60,10 +60,12 @@ def _beside_eager(cfg: dict, spec, run, inputs, device: torch.device, lat: list[
     eagerly in this process: the host's speed moves within seconds (see benchmarks/RESULTS.md), so a
     ratio to eager from runs minutes apart says more about the host than about the plan. Returns
     (`lat` with the calls appended, eager's median). The eager copy holds every weight: this run's peak
-    RSS is not the stream's."""
+    RSS is not the stream's. The loads a streamed call's end issues for the next land during eager's
+    call (a few MiB with kernel AIO), a little more than back-to-back calls would have read ahead."""
     from .eager import load_eager
     from .meta import build_empty
     eager = load_eager(build_empty(spec.build), cfg["weights"]).to(device)
+    evict_files([cfg["weights"]])  # loading it cached the file: a buffered reader would read from there
     _call(eager, inputs, device)  # warm-up
     ms_eager = []
     for _ in range(cfg["repeat"]):
@@ -119,12 +121,15 @@ def worker(cfg: dict) -> dict:
     else:
         run = _load(cfg, model, device)
         lat, warmup = [], 1
-        if system == "layerstream":  # the first calls learn the order and costs (3 to 5: learn.py), at least 3
-            warmup = 0
-            while warmup < 3 or (run.learning not in ("done", "check") and warmup < LEARNING_CALLS_MAX):
+        if system == "layerstream":  # the first calls learn the order and costs (3 to 5: learn.py), at least 3,
+            warmup = 0  # and a call that re-planned is followed by one more (a new plan's first starts empty)
+            while warmup < LEARNING_CALLS_MAX:
+                plan = run.plan
                 out, ms = _call(run, inputs, device)
                 lat.append(ms)
                 warmup += 1
+                if warmup >= 3 and run.learning in ("done", "check") and run.plan is plan:
+                    break
             res["first_misses"] = run.report().demand_misses
         if cfg.get("beside_eager"):  # the same calls alternating with eager's, so both see the host alike
             lat, res["eager_beside_ms"] = _beside_eager(cfg, spec, run, inputs, device, lat)

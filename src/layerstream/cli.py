@@ -129,9 +129,15 @@ def cmd_tradeoff(a) -> int:
                 eager_ms = None
             for i, p in enumerate(frontier.points):
                 _log(f"[{i + 1}/{len(frontier.points)}] measuring at {fmt_bytes(p.budget_bytes)} ...")
-                r = spawn({"system": "layerstream", "budget": p.budget_bytes, "model": a.model, "weights": str(weights),
-                           "repeat": a.repeat, "device": a.device, "max_unit": max_unit, "out": f"{tmp}/o{i}.safetensors",
-                           "beside_eager": eager_ms is not None})
+                cfg = {"system": "layerstream", "budget": p.budget_bytes, "model": a.model, "weights": str(weights),
+                       "repeat": a.repeat, "device": a.device, "max_unit": max_unit, "out": f"{tmp}/o{i}.safetensors"}
+                try:
+                    r = spawn({**cfg, "beside_eager": eager_ms is not None})
+                except RuntimeError as e:  # e.g. no memory for an eager copy beside the arena
+                    if eager_ms is None:
+                        raise
+                    _log(f"  with eager beside it the run failed ({str(e).splitlines()[-1][:200]}): measured alone")
+                    r = spawn(cfg)
                 points.append(replace(p, measured_ms=r["latency_ms"], eager_ms=r.get("eager_beside_ms")))
         frontier = replace(frontier, points=tuple(points), eager_ms=eager_ms)
     knee = next((p for p in frontier.points if p.budget_bytes == frontier.knee_bytes), None)

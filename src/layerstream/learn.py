@@ -58,6 +58,7 @@ CHECK_CALLS = 2  # planned calls compared (the faster one: a slow moment of the 
 CHECK_WAIT = 16  # calls of other shapes after which a cached model is kept unchecked
 LEARN_TRIES = 4  # timed calls whose serial partner had other shapes, before learning gives up
 REFINE_ROUNDS = 2  # re-plans whose first call the slowdowns are fitted to again (see the module docstring)
+REFIT_MIN_SHARE = 0.25  # ... if it reads at least this share of the bytes the timed call read
 SERIAL_MIN_BYTES = 16 * 2**20  # a serial call that read less times the disk too coarsely: the probe's speed
 
 
@@ -125,9 +126,9 @@ def after_call(sm, ex, key: tuple) -> None:
     if sm._learning == "done":
         return
     _learn(sm, ex, key)
-    if sm._learning == "overlapped" and sm._exec is ex:
-        # The timed call is fitted as a first call (an empty ring, calibrate.py), so it must start as one:
-        # the loads this call's end issued for the next are given back (after they land).
+    if sm._learning in ("overlapped", "refine") and sm._exec is ex:
+        # The timed call (or a refit one) is fitted as a first call (an empty ring, calibrate.py), so it
+        # must start as one: the loads this call's end issued for the next are given back (after they land).
         ex.drop_prefetched()
 
 
@@ -183,6 +184,8 @@ def _learn(sm, ex, key: tuple) -> None:
     costs = with_read_bytes(replace(pure, read_bps=_alone_bps(sm, ex, pure, reads),
                                     inflight_bytes=sm._io.inflight_bytes), sm.sizes, reads)
     sm._pure_costs = costs
+    sm._timed_read_bytes = sum(costs.unit_read_bytes(u, sm.sizes[u]) for u, _ in sm.plan.loads)
+    sm._mismatches = 0
     costs = calibrate(sm.cap.program, sm.sizes, costs, sm.plan, sm._overlapped_s, sm._overlapped.compute_total_s)
     _to_cache(sm, key, costs)
     sm._refines = REFINE_ROUNDS
@@ -190,10 +193,19 @@ def _learn(sm, ex, key: tuple) -> None:
 
 
 def _refine(sm, ex, key: tuple) -> None:
-    """Fit the slowdowns again to the re-plan's first call `ex` (it began with nothing read ahead, as the
-    timed call did), with the serial call's compute and disk; re-plan with those costs."""
+    """Fit the slowdowns again to a call `ex` of the re-plan (it began with nothing read ahead, as the
+    timed call did), with the serial call's compute and disk; re-plan with those costs. A call of other
+    shapes than the serial call's is skipped (up to LEARN_TRIES of them: generate()'s prefill and
+    decoding steps differ); a re-plan that reads much less than the timed call would fit the slowdowns
+    on too little (and the cached costs serve other budgets too), so it keeps the costs it has."""
+    if key != sm._key_overlapped:
+        sm._mismatches += 1
+        if sm._mismatches >= LEARN_TRIES:
+            sm._learning = "done"
+        return
     sm._learning = "done"
-    if key != sm._key_overlapped:  # other shapes than the serial call timed: keep the costs as they are
+    reads = sum(sm._pure_costs.unit_read_bytes(u, sm.sizes[u]) for u, _ in sm.plan.loads)
+    if reads < REFIT_MIN_SHARE * sm._timed_read_bytes:
         return
     timed = costs_from_record(sm.cap.program, sm.cap.root_units, ex.recorded, *ex.t_call, sm._pure_costs.read_bps,
                               ex.unit_waits)
@@ -202,7 +214,7 @@ def _refine(sm, ex, key: tuple) -> None:
     sm._refines -= 1
     costs = calibrate(sm.cap.program, sm.sizes, sm._pure_costs, sm.plan, (ex.t_call[1] - ex.t_call[0]) / 1e9,
                       timed.compute_total_s)
-    _to_cache(sm, key, costs, f"calls 2 and 3, slowdowns fitted again to call {len(sm._latencies)} (a re-plan's first)")
+    _to_cache(sm, key, costs, f"calls 2 and 3, slowdowns fitted again to call {len(sm._latencies)} (a re-plan's)")
     adopt(sm, costs, refine=sm._refines > 0)
 
 

@@ -128,7 +128,8 @@ def profile(spec, weights: str | os.PathLike, budget="25%", device="cpu", max_un
             log=_stderr, refresh: bool = False):
     """(program, slot sizes, calibrated CostModel, max_unit) of `spec` streamed from `weights`.
 
-    The first call learns the order, the next two are timed step by step (see learn.py). `log`
+    The first call learns the order, the next two are timed step by step, and when greedy re-plans the
+    re-plan's first call (up to two) is fitted again (see learn.py). `log`
     gets a line before and after each call (progress, on stderr by default; None for silence). The
     stream's own profile cache is used (a model streamed alike before is not timed again) unless
     `refresh`, which times it and writes the cache over.
@@ -152,7 +153,7 @@ def profile(spec, weights: str | os.PathLike, budget="25%", device="cpu", max_un
              "refine": "fitting the slowdowns again to the re-plan's first call"}
     with sm:
         log(f"  streaming at {fmt_bytes(sm.budget_bytes)} in units of at most {fmt_bytes(sm.max_unit)}")
-        for i in range(PROFILE_CALLS):  # three when measuring; a cached model is checked, maybe measured again
+        for i in range(PROFILE_CALLS):  # 3-5 when measuring; a cached model is checked, maybe measured again
             stage = sm.learning
             t = time.perf_counter()
             sm(*inputs)

@@ -114,13 +114,14 @@ class StreamedModel(nn.Module):
         self._weights_identity = learn.weights_identity(self.index) if self._profile_cache != "off" else None
         self.profile_note = ""  # where the cost model came from, once there is one
         self._check = None  # how the planned calls check a cached cost model (learn._check_cached)
-        self._mismatches = 0  # timed calls whose serial partner had other shapes (learn.LEARN_TRIES)
+        self._mismatches = 0  # learning calls of other shapes than the timed call's (learn.LEARN_TRIES)
         self.costs: CostModel | None = None
         self._profile_bps = 0.0
         self._overlapped: CostModel | None = None
         self._overlapped_s = 0.0
         self._pure_costs: CostModel | None = None  # the serial call's (compute and the disk alone), to refit
         self._refines = 0  # re-plans left whose first call is fitted again (learn.REFINE_ROUNDS)
+        self._timed_read_bytes = 0  # what the timed call's plan read (learn.REFIT_MIN_SHARE)
         self.prediction: Prediction | None = None
         plan = plan or plan_fill(self.cap.program, self.sizes, self.budget_bytes)
         self.trace = Trace(trace)
