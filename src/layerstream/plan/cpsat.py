@@ -161,6 +161,9 @@ def plan_cpsat(program: Program, sizes: dict[int, int], costs: CostModel, budget
     # model gets what the search left of the time limit; its solutions are candidates too.
     prover = CpsatModel(cp_model, program, sizes, costs, budget, greedy_pred.latency_s, for_bound=True)
     proving = solver_for(max(0.05, time_limit_s - spent - solver.wall_time))
+    # Its bound is the linear relaxation's unless the search branches with the LP at every node, which
+    # is what lb_tree_search does (CP-SAT's default portfolio on few cores leaves it out).
+    proving.parameters.extra_subsolvers.append("lb_tree_search")
     proved: list[tuple[frozenset[int], int]] = []
     bound = max(compute, solver.best_objective_bound * model.q)
     try:
