@@ -2,19 +2,22 @@
 
 The model and what its bound means: cpsat_model.py. Two of them are solved: the search's (coarse
 quanta, without the disk's work followed step by step: CP-SAT finds better plans in it within the
-time limit) from greedy's plan, then the prover's (fine quanta, with it: a tighter bound) for the
-rest of the time, at least `BOUND_SHARE` of it. The higher of their bounds is reported.
+time limit) from greedy's plan, then the prover's (fine quanta, with it: a tighter bound) for what
+the search left of the time limit but its last `POLISH_SHARE` (so at least `BOUND_SHARE` of it). The
+higher of their bounds is reported.
 
 The runtime carries out a resident set and a ring of loads at fixed offsets, not a schedule, so the
 solver's resident set is turned into plans with a few ring sizes (the peak its schedule uses, the
 whole rest of the budget, multiples of the largest load), each simulated; the best is returned, or
 greedy's plan when none beats it (the solver's model is a relaxation: its schedule may not be one
-the ring can carry out). The lower bound is reported either way.
+the ring can carry out). The best plan is then polished by a local search on the simulator itself
+(polish.py) for the last `POLISH_SHARE` of the time limit. The lower bound is reported either way.
 
 OR-Tools is imported only when the planner runs, so `layerstream.plan` stays importable without it.
 """
 from __future__ import annotations
 
+import time
 import warnings
 from typing import NamedTuple
 
@@ -23,13 +26,15 @@ from ..units import Program
 from .cost import CostModel
 from .cpsat_model import CpsatModel
 from .greedy import PAGE, RING_MULTIPLES, _density, plan_greedy
+from .polish import polish
 from .simulate import Prediction, latency, simulate
 from .types import Plan, check_budget, make_plan
 
 DEFAULT_TIME_LIMIT_S = 10.0
-NEIGHBOUR_SIMS = 2_000  # simulations at most to try resident sets one unit from the solver's
 WARM_SHARE = 0.2  # of the search's time at most, to turn greedy's plan into its first solution
 BOUND_SHARE = 0.3  # of the time limit, at least, for the finer model that proves the bound
+POLISH_SHARE = 0.1  # of the time limit, at least, for the local search on the simulator (polish.py)
+MIN_POLISH_S = 0.05  # ... and at least this, when the solvers ran over
 
 
 class SolverError(LayerstreamError, RuntimeError):
@@ -97,13 +102,14 @@ def plan_cpsat(program: Program, sizes: dict[int, int], costs: CostModel, budget
     if time_limit_s <= 0:
         raise ValueError(f"time_limit_s={time_limit_s}: give CP-SAT a positive time limit in seconds (e.g. 10)")
     cp_model = _cp_model()
+    deadline = time.perf_counter() + time_limit_s
     greedy_plan, greedy_pred = hint or plan_greedy(program, sizes, costs, budget)
     compute = costs.compute_total_s
     if greedy_pred.latency_s <= compute * (1 + 1e-9):  # pure compute: nothing can be faster
         return CpsatResult(greedy_plan, greedy_pred, compute, "optimal")
     model = CpsatModel(cp_model, program, sizes, costs, budget, greedy_pred.latency_s)
     model.hint(program, sizes, costs, greedy_plan)
-    search_s = (1 - BOUND_SHARE) * time_limit_s
+    search_s = (1 - BOUND_SHARE - POLISH_SHARE) * time_limit_s
 
     def solver_for(seconds: float):
         solver = cp_model.CpSolver()
@@ -160,7 +166,7 @@ def plan_cpsat(program: Program, sizes: dict[int, int], costs: CostModel, budget
     # is higher (each holds with or without a solution); no plan beats pure compute either. The finer
     # model gets what the search left of the time limit; its solutions are candidates too.
     prover = CpsatModel(cp_model, program, sizes, costs, budget, greedy_pred.latency_s, for_bound=True)
-    proving = solver_for(max(0.05, time_limit_s - spent - solver.wall_time))
+    proving = solver_for(max(0.05, deadline - time.perf_counter() - POLISH_SHARE * time_limit_s))
     # Its bound is the linear relaxation's unless the search branches with the LP at every node, which
     # is what lb_tree_search does (CP-SAT's default portfolio on few cores leaves it out).
     proving.parameters.extra_subsolvers.append("lb_tree_search")
@@ -190,18 +196,10 @@ def plan_cpsat(program: Program, sizes: dict[int, int], costs: CostModel, budget
 
     for resident, need in [*reversed(found), *reversed(proved)]:  # the search's best first: it wins ties
         consider(set(resident), need)
-    # The model ignores where loads sit in the ring, so its best resident set may need a neighbour
-    # to carry out well: for small programs try every set one unit away from the solver's best and
-    # from greedy's (what the ring can do, the simulator says).
-    if len(model.units) * (len(RING_MULTIPLES) + 2) * 2 * 2 <= NEIGHBOUR_SIMS:
-        centres = [set(found[-1][0])] if found else []
-        centres.append(set(greedy_plan.resident_ids) - {u.uid for u in program.units if u.pinned})
-        largest = {u: sizes[u] for u in model.units}
-        for centre in centres:
-            for u in model.units:
-                nxt = centre ^ {u}
-                streamed = [largest[v] for v in model.units if v not in nxt]
-                consider(nxt, max(streamed, default=0))
+    # The models are coarser than the simulator, so the best of their sets is polished on the simulator
+    # for the rest of the time limit (polish.py); the ring of the set it ends with is chosen as above.
+    best = polish(program, sizes, costs, budget, *best, max(deadline, time.perf_counter() + MIN_POLISH_S))
+    consider(set(best[0].resident_ids), 0)
     plan = best[0]
     pred = greedy_pred if plan is greedy_plan else simulate(program, sizes, costs, plan)
     return CpsatResult(plan, pred, bound, status)
