@@ -32,9 +32,9 @@ from .types import Plan, check_budget, make_plan
 
 DEFAULT_TIME_LIMIT_S = 10.0
 WARM_SHARE = 0.2  # of the search's time at most, to turn greedy's plan into its first solution
-BOUND_SHARE = 0.3  # of the time limit, at least, for the finer model that proves the bound
-POLISH_SHARE = 0.1  # of the time limit, at least, for the local search on the simulator (polish.py)
-MIN_POLISH_S = 0.05  # ... and at least this, when the solvers ran over
+BOUND_SHARE = 0.3  # of the time limit (less greedy and the first model's build), at least, for the bound
+POLISH_SHARE = 0.1  # of the time limit, for the candidates' simulation and the local search (polish.py)
+MIN_POLISH_S = 0.05  # the local search's least time, when the rest ran over
 
 
 class SolverError(LayerstreamError, RuntimeError):
@@ -109,7 +109,8 @@ def plan_cpsat(program: Program, sizes: dict[int, int], costs: CostModel, budget
         return CpsatResult(greedy_plan, greedy_pred, compute, "optimal")
     model = CpsatModel(cp_model, program, sizes, costs, budget, greedy_pred.latency_s)
     model.hint(program, sizes, costs, greedy_plan)
-    search_s = (1 - BOUND_SHARE - POLISH_SHARE) * time_limit_s
+    # The shares are of what is left once greedy ran and the search model is built.
+    search_s = (1 - BOUND_SHARE - POLISH_SHARE) * (deadline - time.perf_counter())
 
     def solver_for(seconds: float):
         solver = cp_model.CpSolver()
@@ -164,11 +165,13 @@ def plan_cpsat(program: Program, sizes: dict[int, int], costs: CostModel, budget
     status = {cp_model.OPTIMAL: "optimal", cp_model.FEASIBLE: "feasible"}.get(code, "unknown")
     # The bound: the search model's, or the finer one's that follows the disk (cpsat_model.py), whichever
     # is higher (each holds with or without a solution); no plan beats pure compute either. The finer
-    # model gets what the search left of the time limit; its solutions are candidates too.
+    # model gets what the search left of the time limit but the polish's share; its solutions are
+    # candidates too.
     prover = CpsatModel(cp_model, program, sizes, costs, budget, greedy_pred.latency_s, for_bound=True)
     proving = solver_for(max(0.05, deadline - time.perf_counter() - POLISH_SHARE * time_limit_s))
     # Its bound is the linear relaxation's unless the search branches with the LP at every node, which
-    # is what lb_tree_search does (CP-SAT's default portfolio on few cores leaves it out).
+    # is what lb_tree_search does (CP-SAT's default portfolio on few cores leaves it out; with
+    # workers=1 there is no portfolio, and the one worker keeps CP-SAT's default search).
     proving.parameters.extra_subsolvers.append("lb_tree_search")
     proved: list[tuple[frozenset[int], int]] = []
     bound = max(compute, solver.best_objective_bound * model.q)
@@ -198,8 +201,12 @@ def plan_cpsat(program: Program, sizes: dict[int, int], costs: CostModel, budget
         consider(set(resident), need)
     # The models are coarser than the simulator, so the best of their sets is polished on the simulator
     # for the rest of the time limit (polish.py); the ring of the set it ends with is chosen as above.
-    best = polish(program, sizes, costs, budget, *best, max(deadline, time.perf_counter() + MIN_POLISH_S))
+    before, t = best[1], time.perf_counter()
+    best = polish(program, sizes, costs, budget, *best, max(deadline, t + MIN_POLISH_S))
     consider(set(best[0].resident_ids), 0)
+    if log:
+        log(f"polished on the simulator in {time.perf_counter() - t:.2f} s: {before * 1e3:.3f} -> "
+            f"{best[1] * 1e3:.3f} ms")
     plan = best[0]
     pred = greedy_pred if plan is greedy_plan else simulate(program, sizes, costs, plan)
     return CpsatResult(plan, pred, bound, status)

@@ -68,13 +68,22 @@ def polish(program: Program, sizes: dict[int, int], costs: CostModel, budget: in
             kept = kept - {drop}
 
     def neighbours(kept: frozenset[int]):
-        out = [kept ^ {u} for u in units]
-        out += [kept ^ {u, v} for u in kept for v in units if v not in kept]
-        out += [fitted(set(kept) | {v}, v) for v in units if v not in kept]
+        """The moves from `kept`, made as they are tried (a thousand units make half a million swaps):
+        flips and insertions in random order, then swaps, one shuffled diagonal of pairs at a time."""
+        inside, out = sorted(kept), [u for u in units if u not in kept]
+        rnd.shuffle(inside)
         rnd.shuffle(out)
-        return out
+        few = [(u,) for u in units] + [("in", v) for v in out]
+        rnd.shuffle(few)
+        for move in few:
+            yield kept ^ {move[0]} if len(move) == 1 else fitted(set(kept) | {move[1]}, move[1])
+        for shift in range(len(out)):
+            for i, u in enumerate(inside):
+                yield kept ^ {u, out[(i + shift) % len(out)]}
 
     best = cur = (plan, latency_s)
+    if not units:  # every unit pinned: nothing to move
+        return best
     kept = frozenset(plan.resident_ids) - set(pinned)
     stale = 0
     while time.perf_counter() < deadline and stale < STALE_KICKS:
@@ -102,4 +111,6 @@ def polish(program: Program, sizes: dict[int, int], costs: CostModel, budget: in
         cur = evaluate(kept, best[0].ring_bytes) or best
         if cur is best:
             kept = frozenset(best[0].resident_ids) - set(pinned)
+        elif cur[1] < best[1]:  # the kick itself found a faster plan
+            best, stale = cur, 0
     return best
