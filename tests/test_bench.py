@@ -151,7 +151,9 @@ def test_bench_workload_mode_with_baselines(tmp_path):
         assert len(r["cycles_ms"]) == 2 + (result["learning_cycles"] if system == "layerstream" else 1)
     ls = runs["layerstream"]
     assert ls["budget_bytes"] == 200_000 and all(m["arena_peak_bytes"] <= 200_000 for m in ls["models"])
-    assert all(m["bytes_read"] > 0 for m in ls["models"]) and all(m["reader"] for m in ls["models"])
+    # The two models' slots (232 KiB) do not fit 200 KB together, so the cycle streams; which model's units
+    # the workload planner keeps resident depends on the costs measured (one may stay whole: seen here)
+    assert sum(m["bytes_read"] for m in ls["models"]) > 0 and all(m["reader"] for m in ls["models"])
     assert runs["load-then-run"]["bytes_read"] == 2 * runs["load-then-run"]["models"][0]["weight_bytes"] \
         + runs["load-then-run"]["models"][1]["weight_bytes"]
     assert result["speedup"]["load-then-run"] == runs["load-then-run"]["cycle_ms"] / ls["cycle_ms"]
