@@ -267,7 +267,7 @@ def load_or_profile(spec, weights, budget="25%", device="cpu", max_unit: int | N
     prof, path = (None, cache_path(key)) if refresh else read_cached(key, log)
     if prof is not None:
         return prof, path, True
-    log(f"profiling {spec.name} on {key['device']} (three streamed calls; cached in {path.parent}) ...")
+    log(f"profiling {spec.name} on {key['device']} (three to five streamed calls; cached in {path.parent}) ...")
     t = time.perf_counter()
     program, sizes, costs, max_unit = profile(spec, weights, budget, device, max_unit, log=log,
                                               refresh=refresh)
