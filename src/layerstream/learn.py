@@ -11,11 +11,10 @@ call mispredict a plan that reads beside other steps (ResNet-50's greedy plans r
 predicted): the first call of a re-plan (it starts with nothing read ahead, as the timed call did) is
 fitted again in the same way, and greedy plans once more with those costs, up to REFINE_ROUNDS times,
 so the plan that runs is the plan its costs were fitted to unless greedy moves on at the last round.
-Calls 2 and 3 start with nothing read
-ahead (the previous call's end issues the next call's first loads; they are given back), and must
-have the same input shapes (`key`) to be compared: generate()'s prefill and decoding steps differ,
-so a serial call whose shapes differ from the timed one's is thrown away and the next call is timed
-again.
+Calls 2 and 3 (and a refit call) start with nothing read ahead (the previous call's end issues the
+next call's first loads; they are given back), and must have the same input shapes (`key`) to be
+compared: generate()'s prefill and decoding steps differ, so a serial call whose shapes differ from
+the timed one's is thrown away and the next call is timed again.
 
 The cost model is kept in the profile cache (profile.py's directory), keyed by everything its numbers
 depend on: the weight files as opened (path, size, mtime, header hash), the model's class and config,
@@ -184,7 +183,7 @@ def _learn(sm, ex, key: tuple) -> None:
     costs = with_read_bytes(replace(pure, read_bps=_alone_bps(sm, ex, pure, reads),
                                     inflight_bytes=sm._io.inflight_bytes), sm.sizes, reads)
     sm._pure_costs = costs
-    sm._timed_read_bytes = sum(costs.unit_read_bytes(u, sm.sizes[u]) for u, _ in sm.plan.loads)
+    sm._timed_read_bytes = _read_per_call(sm, costs)
     sm._mismatches = 0
     costs = calibrate(sm.cap.program, sm.sizes, costs, sm.plan, sm._overlapped_s, sm._overlapped.compute_total_s)
     _to_cache(sm, key, costs)
@@ -204,8 +203,7 @@ def _refine(sm, ex, key: tuple) -> None:
             sm._learning = "done"
         return
     sm._learning = "done"
-    reads = sum(sm._pure_costs.unit_read_bytes(u, sm.sizes[u]) for u, _ in sm.plan.loads)
-    if reads < REFIT_MIN_SHARE * sm._timed_read_bytes:
+    if _read_per_call(sm, sm._pure_costs) < REFIT_MIN_SHARE * sm._timed_read_bytes:
         return
     timed = costs_from_record(sm.cap.program, sm.cap.root_units, ex.recorded, *ex.t_call, sm._pure_costs.read_bps,
                               ex.unit_waits)
@@ -216,6 +214,11 @@ def _refine(sm, ex, key: tuple) -> None:
                       timed.compute_total_s)
     _to_cache(sm, key, costs, f"calls 2 and 3, slowdowns fitted again to call {len(sm._latencies)} (a re-plan's)")
     adopt(sm, costs, refine=sm._refines > 0)
+
+
+def _read_per_call(sm, costs: CostModel) -> int:
+    """The bytes a call of the current plan reads (what each load reads, as `costs` says)."""
+    return sum(costs.unit_read_bytes(u, sm.sizes[u]) for u, _ in sm.plan.loads)
 
 
 def _alone_bps(sm, ex, pure: CostModel, reads: dict[int, int]) -> float:

