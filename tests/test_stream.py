@@ -177,3 +177,4 @@ def test_the_learning_calls_start_with_nothing_read_ahead(saved):
     assert seen[0] == ("overlapped", 0, False)  # about to be timed
     assert seen[1] == ("pure", 0, True)  # about to run serially
     assert seen[2][0] in ("done", "check", "refine")  # refine: greedy re-planned (learn._refine)
+    assert seen[2][0] != "refine" or seen[2][1] == 0  # the re-plan's call, fitted again, starts empty too

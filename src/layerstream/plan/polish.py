@@ -36,7 +36,16 @@ def polish(program: Program, sizes: dict[int, int], costs: CostModel, budget: in
     units = sorted({u for u in program.steps} - set(pinned))
     dens = _density(program, sizes, costs)
 
+    seen: dict[tuple[frozenset[int], int], tuple[Plan, float] | None] = {}
+
     def evaluate(kept: frozenset[int], ring_now: int) -> tuple[Plan, float] | None:
+        """The faster of `kept`'s plans (the whole rest as ring, or `ring_now`), each set simulated once
+        (the climbs after each kick pass the same sets again)."""
+        if (kept, ring_now) not in seen:
+            seen[kept, ring_now] = simulated(kept, ring_now)
+        return seen[kept, ring_now]
+
+    def simulated(kept: frozenset[int], ring_now: int) -> tuple[Plan, float] | None:
         resident = pinned + sorted(kept)
         free = budget - pinned_bytes - sum(sizes[u] for u in kept)
         loads = [u for u in program.steps if u not in kept and u not in pinned]
