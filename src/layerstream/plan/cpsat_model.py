@@ -12,11 +12,12 @@ The model (OR-Tools CP-SAT; times in integer quanta of the call's serial worst c
     disk serves one read at a time), in step order, the next call's first read after this call's last;
   - per streamed step, an optional memory interval of its slot bytes from its read's start to its
     compute's end, and per resident unit one over the whole horizon, under a cumulative constraint:
-    the arena's bytes in use never exceed the budget;
+    the arena's bytes in use never exceed the budget, and the resident bytes leave room for the
+    largest slot that streams (`_add_largest_slot`);
   - in the bound model only (`for_bound`), the disk's work followed from step start to step start
-    (`_add_flow`): per step, what it reads beside the compute (slowing it, at most
+    (cpsat_flow.py): per step, what it reads beside the compute (slowing it, at most
     `read_allowance`) and while compute waits, every load in before its step, what was read ahead
-    within the ring and, as each compute ends, of whole loads begun in order (`_add_whole_loads`);
+    within the ring and, as each compute ends, of whole loads begun in order;
   - every read and memory interval also shifted by T, so the next call's loads that start during
     this call's tail (as they do in steady state) count against this call's disk time and memory;
   - objective: minimise T, the period of the steady state of repeated calls (a warm call's latency).
@@ -29,7 +30,7 @@ allows), and reads may start before their ring bytes are freed in FIFO order. Du
 rounded down to whole quanta and shortened by one (so that rounding can never make a real schedule
 infeasible here), so the bound is low by at most a quantum per step, and by about one more per
 streamed step for the read tax (each unit's tax is rounded down to whole quanta) and two or three
-per step for the disk's work (`_add_flow`). The disk's work is followed as a fluid, loads are
+per step for the disk's work (cpsat_flow.py). The disk's work is followed as a fluid, loads are
 issued at any moment rather than at step boundaries, and a load read in part holds its whole slot
 only as each compute ends, so a plan whose ring is nearly full can run slower in the simulator than
 here: that, too, is a gap between the plan and the bound. The bound is CP-SAT's proven bound on
@@ -47,6 +48,7 @@ import math
 
 from ..units import Program
 from .cost import CostModel
+from .cpsat_flow import add_flow
 from .simulate import timeline
 from .types import Plan
 
@@ -59,7 +61,6 @@ BOUND_QUANTA_PER_STEP = 10_000
 RESOLUTION_MIN, RESOLUTION_MAX = 1_000, 1_000_000
 WINDOW_STEPS = 40  # up to this many steps, a window cut for every pair of steps (beyond: presolve outgrows them)
 WINDOW_SPAN = 24  # beyond, a window cut for every pair at most this many steps apart
-WHOLE_LOADS = 8  # per step, the next steps whose loads' beginning the bound model follows (`_add_whole_loads`)
 
 
 class CpsatModel:
@@ -154,15 +155,13 @@ class CpsatModel:
                 m.add(self.f[k] >= self.r[i] + self.rd[i]).only_enforce_if(on)
                 m.add(self.r[i] >= prev).only_enforce_if(on)
                 prev = self.f[k]
-        # Redundant: the ring holds every streamed unit beside the resident ones (one at a time at least).
         resident_bytes = self.resident_bytes = m.new_int_var(0, sum(sizes[u] for u in self.units), "resident_bytes")
         m.add(resident_bytes == sum(sizes[u] * self.res[u] for u in self.units))
-        for u in self.units:
-            m.add(resident_bytes + sizes[u] * (1 - self.res[u]) <= cap)
+        self._add_largest_slot(sizes, cap)
         ring_terms = self._ring_terms(program, sizes, costs, cap)
         self._add_windows(program, costs, quanta, ring_terms)
         if for_bound:
-            self._add_flow(program, sizes, costs, cap, quanta, ring_terms)
+            add_flow(self, program, sizes, costs, cap, quanta, ring_terms)
         # Redundant, for the bound: the disk reads every streamed step within one period, and what it
         # cannot read during the computes (at most `inflight_bytes` each, the pre's included) while
         # compute waits.
@@ -173,6 +172,33 @@ class CpsatModel:
             pre = self.read_allowance(costs, (costs.pre_s,))[0]
             m.add(self.T >= sum(self.dur) + quanta(costs.pre_s) + period_reads - sum(allow) - pre)
         m.minimize(self.T)
+
+    def _add_largest_slot(self, sizes: dict[int, int], cap: int) -> None:
+        """Redundant: the ring holds every streamed slot beside the resident units (one at a time at least).
+
+        In a form whose linear relaxation is tighter than a cut per unit. Per slot size s (largest first), `over[s]`: some unit of size at least s streams (true when
+        the units that large exceed the budget). The largest streamed slot is then the sum of
+        (s - the next size below) over the sizes it reaches. A cut per unit would let a unit half
+        resident need half its slot; this one charges the ring the whole slot of the largest unit
+        that streams at all, once the budget forces one of its size to stream.
+        """
+        m = self.m
+        levels = sorted({sizes[u] for u in self.units}, reverse=True)
+        over, prev, larger = [], None, 0
+        for s in levels:
+            o = m.new_bool_var(f"streams_over{s}")
+            same = [u for u in self.units if sizes[u] == s]
+            for u in same:
+                m.add(o >= 1 - self.res[u])
+            if prev is not None:
+                m.add(o >= prev)
+            larger += s * len(same)
+            if larger > cap:
+                m.add(o == 1)
+            over.append(o)
+            prev = o
+        if over:
+            m.add(self.resident_bytes + sum((s - t) * o for s, t, o in zip(levels, levels[1:] + [0], over)) <= cap)
 
     def read_allowance(self, costs: CostModel, compute_s=None) -> list[int]:
         """Per step, in quanta (rounded up): the most the disk can read, as long alone, during its compute.
@@ -212,7 +238,7 @@ class CpsatModel:
         ring = math.ceil(ratio * cap / (costs.read_bps * self.q))
         return w, held, ring, math.ceil(costs.read_lat_s * loads / self.q)
 
-    def _own_slot(self, per_unit: dict[int, int], steps: tuple[int, ...], step: int):
+    def own_slot(self, per_unit: dict[int, int], steps: tuple[int, ...], step: int):
         """Step `step`'s slot, as `per_unit` counts it (bytes, read quanta), if it streams; 0 for the pre (-1)."""
         if step < 0 or steps[step] not in self.res:
             return 0
@@ -242,7 +268,7 @@ class CpsatModel:
         allow = self.read_allowance(costs)
         tighter = any(a < d for a, d in zip(allow, self.dur))  # else the cut is the one above
         for a in range(len(steps)):
-            mine = self._own_slot(w, steps, a)
+            mine = self.own_slot(w, steps, a)
             reads, n = [], 0
             computes, allowed = self.dur[a], allow[a]  # steps a..b-1
             for b in range(a + 1, min(len(steps), a + 1 + span)):
@@ -259,93 +285,6 @@ class CpsatModel:
                               - allowed)
                 computes += self.dur[b]
                 allowed += allow[b]
-
-    def _add_flow(self, program: Program, sizes: dict[int, int], costs: CostModel, cap: int, quanta,
-                  ring_terms) -> None:
-        """Redundant cuts that follow the disk's work through the call, interval by interval.
-
-        The call is cut at its step starts into intervals: the pre, then each step's compute with the
-        wait before the next. D[j] is the disk's work (seconds alone) done at interval j's start on
-        this call's loads and later ones, counted from this call's first load (so D[0] is what the
-        previous call read ahead). In interval j the disk works `w` beside its compute (at most
-        `read_allowance`) and `g` while compute waits; the compute then lasts its pure length plus
-        x (1 + y) / (1 + x) per second of disk work beside it (compute slowed 1 + x while the disk
-        reads, the disk 1 + y while compute runs: the simulator's rules). Every streamed step's loads
-        are read by its start; the loads read ahead of the step before fit the ring (`_ring_terms`,
-        with each step's own slot held during its compute); in a period the disk does one call's work.
-        Integers are floors of the real values (with w at most the real w's floor plus one, which the
-        read-ahead cuts' + 1 allows for), so each interval's cut gives up 2 quanta and a little more.
-        """
-        m, steps, q = self.m, program.steps, self.q
-        if not self.streamed_steps or costs.read_bps <= 0:
-            return
-        x, y = costs.read_slowdown, costs.disk_slowdown
-        scale = 1000
-        per_work = math.floor(scale * x * (1 + y) / (1 + x))  # extra compute per disk work beside it, scaled
-        slack = 2 * scale + math.ceil(scale * x * (1 + y) / (1 + x))
-        durs = [quanta(costs.pre_s)] + self.dur
-        allow = self.read_allowance(costs, (costs.pre_s,)) + self.read_allowance(costs)
-        points = [0] + self.c + [self.T]  # interval j runs from points[j] to points[j + 1]
-        top = 4 * self.H
-        D = [m.new_int_var(0, top, f"D{j}") for j in range(len(points))]
-        rd = {i: costs.read_s(self.read[steps[i]]) / q for i in self.streamed_steps}
-        need_up = [0] * len(steps)  # reads of the loads of steps 0..i, in quanta, rounded up
-        dn = up = 0
-        for i, u in enumerate(steps):
-            if u in self.res:
-                dn = dn + int(rd[i]) * (1 - self.res[u])
-                up = up + math.ceil(rd[i]) * (1 - self.res[u])
-                m.add(D[i + 1] >= dn)  # step i's load is in when it starts
-            need_up[i] = up
-        m.add(D[-1] - D[0] >= dn)  # a period's work: this call's reads
-        if ring_terms is not None:
-            w_of, held, ring, lat = ring_terms
-        for j, dur in enumerate(durs):
-            w = m.new_int_var(0, allow[j], f"w{j}")
-            g = m.new_int_var(0, top, f"g{j}")
-            m.add(D[j + 1] == D[j] + w + g)
-            m.add(scale * (points[j + 1] - points[j]) >= scale * dur + per_work * w + scale * g - slack)
-            if ring_terms is None:
-                continue
-            before = need_up[j - 2] if j >= 2 else 0  # loads of the steps before this interval's step
-            step = j - 1  # this interval's step (-1: the pre)
-            mine = self._own_slot(w_of, steps, step)
-            m.add(D[j] - before <= ring - held + lat)  # at its start
-            ahead = D[j] + w - (need_up[step] if step >= 0 else 0)  # read beyond its step, as its compute ends
-            m.add(ahead <= ring - held - mine + lat + 1)
-            self._add_whole_loads(program, sizes, costs, cap, step, ahead, ring + lat + 1)
-        if ring_terms is not None:
-            m.add(D[-1] - need_up[-1] <= ring - held + lat)
-
-    def _add_whole_loads(self, program: Program, sizes: dict[int, int], costs: CostModel, cap: int, step: int,
-                         ahead, most: int) -> None:
-        """As step `step`'s compute ends, what was read beyond it (`ahead`, + 1 for rounding) is of whole loads.
-
-        A load begun holds its whole slot, so what the disk did ahead is at most the reads of the loads
-        begun, in order, whose slots fit beside the resident units and the step's own. Per next step
-        (`WHOLE_LOADS` of them, into the next call's), `passed`: the disk has begun every load up to it
-        (in order: each implies the one before), so a streamed one is `begun`. Past the last of them,
-        only the fluid cut holds (`most`: the whole ring's), so the cut gives way when it is passed.
-        """
-        m, steps, n = self.m, program.steps, len(program.steps)
-        after = [i for i in self.streamed_steps if i > step] + [i + n for i in self.streamed_steps]
-        begun, passed = [], None
-        for i in after[:WHOLE_LOADS]:
-            u = steps[i % n]
-            z, p = m.new_bool_var(f"begun{step}_{i}"), m.new_bool_var(f"passed{step}_{i}")
-            m.add(z <= 1 - self.res[u])  # (resident: no load)
-            m.add(z <= p)
-            m.add(z >= p - self.res[u])
-            if passed is not None:
-                m.add(p <= passed)
-            begun.append((z, u))
-            passed = p
-        if not begun:
-            return
-        mine = self._own_slot(sizes, steps, step)
-        m.add(sum(sizes[u] * z for z, u in begun) + self.resident_bytes + mine <= cap)
-        reads = sum(math.ceil(costs.read_s(self.read[u]) / self.q) * z for z, u in begun)
-        m.add(ahead <= reads + 1 + most * passed)
 
     def hint(self, program: Program, sizes: dict[int, int], costs: CostModel, plan: Plan) -> None:
         """Start the search from `plan`'s simulated schedule (its last call)."""
