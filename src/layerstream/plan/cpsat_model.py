@@ -176,11 +176,12 @@ class CpsatModel:
     def _add_largest_slot(self, sizes: dict[int, int], cap: int) -> None:
         """Redundant: the ring holds every streamed slot beside the resident units (one at a time at least).
 
-        In a form whose linear relaxation is tighter than a cut per unit. Per slot size s (largest first), `over[s]`: some unit of size at least s streams (true when
-        the units that large exceed the budget). The largest streamed slot is then the sum of
-        (s - the next size below) over the sizes it reaches. A cut per unit would let a unit half
-        resident need half its slot; this one charges the ring the whole slot of the largest unit
-        that streams at all, once the budget forces one of its size to stream.
+        In a form whose linear relaxation is tighter than a cut per unit. Per slot size s (largest
+        first), `over[s]`: some unit of size s or more streams (true when those units together exceed
+        the budget less the pinned units). The largest streamed slot is then the sum of (s - the next
+        size below) over the sizes it reaches. A cut per unit would let a unit half resident need
+        half its slot; this one charges the ring the whole slot of the largest size that streams at
+        all, once the budget forces a unit of that size or more to stream.
         """
         m = self.m
         levels = sorted({sizes[u] for u in self.units}, reverse=True)
