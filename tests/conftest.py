@@ -66,6 +66,17 @@ def saved(tmp_path_factory):
     return get
 
 
+def until_learned(sm, call, most: int = 10) -> None:
+    """Run `call()` until `sm` has learned its costs and keeps its plan (3 to 7 calls: learn.py), and
+    once more if the last of them re-planned (a new plan's first call starts with its ring empty)."""
+    for _ in range(most):
+        plan = sm.plan
+        call()
+        if sm.learning == "done" and sm.plan is plan:
+            return
+    raise AssertionError(f"still learning ({sm.learning!r}) after {most} calls")
+
+
 def open_fds() -> set[str]:
     return set(os.listdir("/proc/self/fd"))
 

@@ -6,7 +6,7 @@ import os
 import random
 
 import pytest
-from conftest import reader_threads
+from conftest import reader_threads, until_learned
 from test_bad_input import _call
 from test_pack import SMALL_UNIT, packed
 
@@ -23,8 +23,7 @@ def test_cut_at_every_unit_boundary_while_streaming(saved, tmp_path):
     units = unit_table(read_index(out))
     cuts = sorted({u.begin for u in units} | {u.end for u in units})
     with ls.stream(s.model(), out, budget="60%", max_unit=SMALL_UNIT) as sm:
-        for _ in range(4):
-            s.check(_call(sm, s.inputs))
+        until_learned(sm, lambda: s.check(_call(sm, s.inputs)))  # the plan the cuts below are made against
         streamed_end = max(lay.data_end for u, _ in sm.plan.loads for lay in [sm.layouts[u]])
         failed = 0
         for cut in cuts:

@@ -29,7 +29,7 @@ from .meta import build_empty
 from .plan.cost import CostModel
 from .units import Program, TensorRef, Unit
 
-PROFILE_CALLS = 11  # at most: order, check (3), timed and serial again, two retries of other shapes, two refits
+PROFILE_CALLS = 13  # at most: order, check (3), timed and serial again, two retries of other shapes, two refits (2 each)
 CACHE_VERSION = 4  # 2: gather and block units (units carry a mode); 3: stream()'s own entries, per-unit read bytes; 4: the read tax a slowdown while reading, and the disk's beside compute. Bump when the JSON's meaning changes: older files are then measured again
 
 
@@ -129,8 +129,8 @@ def profile(spec, weights: str | os.PathLike, budget="25%", device="cpu", max_un
     """(program, slot sizes, calibrated CostModel, max_unit) of `spec` streamed from `weights`.
 
     The first call learns the order, the next two are timed step by step, and when greedy re-plans the
-    re-plan's first call (up to two) is fitted again (see learn.py). `log`
-    gets a line before and after each call (progress, on stderr by default; None for silence). The
+    re-plan's second call is fitted again (up to two re-plans; see learn.py). `log` gets a line
+    before and after each call (progress, on stderr by default; None for silence). The
     stream's own profile cache is used (a model streamed alike before is not timed again) unless
     `refresh`, which times it and writes the cache over.
     """
@@ -150,10 +150,11 @@ def profile(spec, weights: str | os.PathLike, budget="25%", device="cpu", max_un
     doing = {"order": "learning the step order", "overlapped": "timing each step with reads overlapping compute",
              "pure": "timing each step with reads serial: pure compute",
              "check": "checking a cached cost model against a planned call",
-             "refine": "fitting the slowdowns again to the re-plan's first call"}
+             "settle": "the re-plan's first call, filling its ring",
+             "refine": "fitting the slowdowns again to the re-plan's warm call"}
     with sm:
         log(f"  streaming at {fmt_bytes(sm.budget_bytes)} in units of at most {fmt_bytes(sm.max_unit)}")
-        for i in range(PROFILE_CALLS):  # 3-5 when measuring; a cached model is checked, maybe measured again
+        for i in range(PROFILE_CALLS):  # 3-7 when measuring; a cached model is checked, maybe measured again
             stage = sm.learning
             t = time.perf_counter()
             sm(*inputs)
@@ -267,7 +268,7 @@ def load_or_profile(spec, weights, budget="25%", device="cpu", max_unit: int | N
     prof, path = (None, cache_path(key)) if refresh else read_cached(key, log)
     if prof is not None:
         return prof, path, True
-    log(f"profiling {spec.name} on {key['device']} (three to five streamed calls; cached in {path.parent}) ...")
+    log(f"profiling {spec.name} on {key['device']} (three to seven streamed calls; cached in {path.parent}) ...")
     t = time.perf_counter()
     program, sizes, costs, max_unit = profile(spec, weights, budget, device, max_unit, log=log,
                                               refresh=refresh)

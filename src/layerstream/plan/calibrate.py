@@ -26,8 +26,9 @@ MIN_BPS = 1e6  # the slowest disk a calibration believes (bytes per second)
 
 
 def calibrate_read_bps(program: Program, sizes: dict[int, int], costs: CostModel, plan: Plan,
-                       measured_s: float, iterations: int = 40) -> CostModel:
-    """`costs` with the read speed at which simulating `plan` for one call (no warm-up) takes `measured_s`.
+                       measured_s: float, iterations: int = 40, calls: int = 1) -> CostModel:
+    """`costs` with the read speed at which simulating `plan` takes `measured_s` (the last of `calls`
+    back-to-back calls: 1, a first call with nothing read ahead; 3, a warm call in steady state).
 
     Only ever lowers the speed: a call faster than predicted says compute overlapped better than the
     model knows, not that the disk is faster than probed. `costs` must already say what each unit
@@ -35,7 +36,7 @@ def calibrate_read_bps(program: Program, sizes: dict[int, int], costs: CostModel
     slot bytes would be too fast by their ratio.
     """
     def predicted(bps: float) -> float:
-        return simulate(program, sizes, replace(costs, read_bps=bps), plan, calls=1).latency_s
+        return simulate(program, sizes, replace(costs, read_bps=bps), plan, calls=calls).latency_s
 
     if not plan.loads or predicted(costs.read_bps) >= measured_s:
         return costs
@@ -68,39 +69,40 @@ def _bisect(f, target: float, hi: float, iterations: int) -> float:
 
 
 def fit_read_slowdown(program: Program, sizes: dict[int, int], costs: CostModel, plan: Plan,
-                      measured_compute_s: float, iterations: int = 40) -> CostModel:
-    """`costs` (pure compute times) with the read slowdown at which simulating `plan` for one call (no
-    warm-up) computes for `measured_compute_s` in all (its pre and every step, waits for reads left out)."""
+                      measured_compute_s: float, iterations: int = 40, calls: int = 1) -> CostModel:
+    """`costs` (pure compute times) with the read slowdown at which simulating `plan` (the last of
+    `calls`) computes for `measured_compute_s` in all (its pre and every step, waits for reads left out)."""
     if not plan.loads:
         return replace(costs, read_slowdown=0.0)
-    x = _bisect(lambda x: timeline(program, sizes, replace(costs, read_slowdown=x), plan, calls=1).compute_s,
+    x = _bisect(lambda x: timeline(program, sizes, replace(costs, read_slowdown=x), plan, calls=calls).compute_s,
                 measured_compute_s, MAX_SLOWDOWN, iterations)
     return replace(costs, read_slowdown=x)
 
 
 def fit_disk_slowdown(program: Program, sizes: dict[int, int], costs: CostModel, plan: Plan,
-                      measured_s: float, iterations: int = 40) -> CostModel:
-    """`costs` with the disk slowdown (while compute runs) at which simulating `plan` for one call (no
-    warm-up) takes `measured_s`."""
+                      measured_s: float, iterations: int = 40, calls: int = 1) -> CostModel:
+    """`costs` with the disk slowdown (while compute runs) at which simulating `plan` (the last of
+    `calls`) takes `measured_s`."""
     if not plan.loads:
         return replace(costs, disk_slowdown=0.0)
-    y = _bisect(lambda y: latency(program, sizes, replace(costs, disk_slowdown=y), plan, calls=1),
+    y = _bisect(lambda y: latency(program, sizes, replace(costs, disk_slowdown=y), plan, calls=calls),
                 measured_s, MAX_SLOWDOWN, iterations)
     return replace(costs, disk_slowdown=y)
 
 
 def calibrate(program: Program, sizes: dict[int, int], pure: CostModel, plan: Plan, measured_s: float,
-              measured_compute_s: float, rounds: int = 4) -> CostModel:
+              measured_compute_s: float, rounds: int = 4, calls: int = 1) -> CostModel:
     """`pure` (compute times from a serial call, the disk's speed alone) fitted to a timed call of `plan`
     that took `measured_s` and computed for `measured_compute_s`: how much slower each of compute and
     the disk ran beside the other (alternately, as each depends on the other), then, if even the
-    slowest disk beside compute cannot make the call that long, a slower disk alone."""
+    slowest disk beside compute cannot make the call that long, a slower disk alone. `calls`: 1 for
+    a call that began with nothing read ahead, 3 for a warm one (simulated in steady state)."""
     costs = pure
     for _ in range(rounds):
-        costs = fit_read_slowdown(program, sizes, costs, plan, measured_compute_s)
-        costs = fit_disk_slowdown(program, sizes, costs, plan, measured_s)
-    slower = calibrate_read_bps(program, sizes, costs, plan, measured_s)
+        costs = fit_read_slowdown(program, sizes, costs, plan, measured_compute_s, calls=calls)
+        costs = fit_disk_slowdown(program, sizes, costs, plan, measured_s, calls=calls)
+    slower = calibrate_read_bps(program, sizes, costs, plan, measured_s, calls=calls)
     if slower.read_bps != costs.read_bps:  # a slower disk overlaps compute longer: the tax is less per second
-        costs = fit_read_slowdown(program, sizes, slower, plan, measured_compute_s)
-        costs = calibrate_read_bps(program, sizes, costs, plan, measured_s)
+        costs = fit_read_slowdown(program, sizes, slower, plan, measured_compute_s, calls=calls)
+        costs = calibrate_read_bps(program, sizes, costs, plan, measured_s, calls=calls)
     return costs
