@@ -82,10 +82,12 @@ RECORD = [("", 0, 0),
 def test_costs_from_record_exact():
     # emb: ready 0.5, next step starts 1.5 -> 1.0 s. unit 1: ready 1.75, head starts 3.0 -> 1.25 s
     # (its second root b1 is part of it). head: ready 4.0, the call ends at 4.5 -> 0.5 s. pre 0.25 s.
+    # Each root's pre-hook tops up kernel AIO: unit 1's step twice (b0, b1), the others once (the top
+    # module's pre-hook comes before the first step: the pre's).
     prog, root_units = _recorded_program()
     rec = [(p, T0 + a, T0 + b) for p, a, b in RECORD]
     costs = costs_from_record(prog, root_units, rec, T0, T0 + 9 * S // 2, read_bps=5e8)
-    assert costs == CostModel((1.0, 1.25, 0.5), 0.25, 5e8)
+    assert costs == CostModel((1.0, 1.25, 0.5), 0.25, 5e8, refills=(1, 2, 1))
     assert costs.compute_total_s == 3.0
 
 

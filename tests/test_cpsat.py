@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -186,7 +187,8 @@ def test_cpsat_module_imports_without_loading_ortools():
 @st.composite
 def small_cases(draw):
     """(program, sizes, costs, budget): 2-8 units of 1-16 pages, some run twice, some pinned; in half of
-    them some units read less than their slot (int8, gather), a few more (a gather of many rows)."""
+    them some units read less than their slot (int8, gather), a few more (a gather of many rows); in
+    half, some steps top up kernel AIO more than once."""
     n = draw(st.integers(2, 8))
     sizes = {i: P * draw(st.integers(1, 16)) for i in range(n)}
     pinned = {i for i in range(n) if draw(st.integers(0, 9)) == 0}
@@ -201,6 +203,9 @@ def small_cases(draw):
     if draw(st.booleans()):
         reads = {u: draw(st.sampled_from([0, 1, 2, 4, 4, 4, 6])) * sizes[u] // 4 for u in range(n)}
         costs = with_read_bytes(costs, sizes, reads)
+    if draw(st.booleans()):  # kernel AIO topped up by more than one root in some steps
+        costs = replace(costs, refills=tuple(draw(st.lists(st.integers(1, 3), min_size=len(steps),
+                                                           max_size=len(steps)))))
     prog = program(steps, n, pinned)
     need, _ = min_budget(prog, sizes)
     whole = sum(sizes[u] for u in set(steps) | pinned)

@@ -164,6 +164,23 @@ def test_the_disk_slows_only_while_compute_runs():
     assert (capped.latency_s, capped.stalls_s) == (2.5, (0, 0.5, 0))
 
 
+def test_kernel_aio_is_topped_up_per_root_and_per_release():
+    # The disk reads 1 page a second and 1 page may be in flight per top-up of the queue. Steps u0 (1
+    # page, 3.0 s) and u1 (3 pages, 2.0 s) both stream through a 4-page ring. Warm: u1's load (3.0 s)
+    # is issued as the call starts and read beside u0. u0 streams, so its release tops the queue up
+    # once more than its one root did: 2 s of u1 beside u0, 1 s while u1 waits, and u0's next load
+    # (1 s) beside u1: 3 + 1 + 2 = 6.0 s. With two roots in u0 (three top-ups) u1 is all read beside
+    # it: 5.0 s, as with nothing capped. (Once per step, as the simulator had it, said 7.0.)
+    prog = program((0, 1), 2)
+    sizes = {0: P, 1: 3 * P}
+    plan = Plan(4 * P, (), 0, 4 * P, ((0, 0), (1, P)))
+    costs = CostModel((3.0, 2.0), 0.0, read_bps=P, read_lat_s=0.0, inflight_bytes=P)
+    assert simulate(prog, sizes, costs, plan).stalls_s == (0.0, 1.0)
+    assert simulate(prog, sizes, replace(costs, refills=(1, 1)), plan).latency_s == 6.0
+    assert simulate(prog, sizes, replace(costs, refills=(2, 1)), plan).latency_s == 5.0
+    assert simulate(prog, sizes, replace(costs, inflight_bytes=0), plan).latency_s == 5.0
+
+
 def test_reads_beside_a_stall_cost_no_compute():
     # test_cpsat_bound_is_tight's two units through one 10-page slot: each read (1.5 s) waits for the
     # other unit's release, so the disk only ever reads while compute waits: read, compute, read,

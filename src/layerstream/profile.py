@@ -30,7 +30,7 @@ from .plan.cost import CostModel
 from .units import Program, TensorRef, Unit
 
 PROFILE_CALLS = 13  # at most: order, check (3), timed and serial again, two retries of other shapes, two refits (2 each)
-CACHE_VERSION = 4  # 2: gather and block units (units carry a mode); 3: stream()'s own entries, per-unit read bytes; 4: the read tax a slowdown while reading, and the disk's beside compute. Bump when the JSON's meaning changes: older files are then measured again
+CACHE_VERSION = 5  # 2: gather and block units (units carry a mode); 3: stream()'s own entries, per-unit read bytes; 4: the read tax a slowdown while reading, and the disk's beside compute; 5: kernel AIO topped up per root and per release, not per step. Bump when the JSON's meaning changes: older files are then measured again
 
 
 def _stderr(msg: str) -> None:
@@ -121,7 +121,7 @@ class Profile:
                 f"resident; reads {c.read_bps / 1e9:.2f} GB/s + {c.read_lat_s * 1e6:.0f} us each; compute "
                 f"{1 + c.read_slowdown:.2f}x slower while the disk reads, the disk {1 + c.disk_slowdown:.2f}x "
                 "slower while compute runs"
-                + (f", {fmt_bytes(c.inflight_bytes)} read at most per step" if c.inflight_bytes else ""))
+                + (f", {fmt_bytes(c.inflight_bytes)} read at most per top-up of the queue" if c.inflight_bytes else ""))
 
 
 def profile(spec, weights: str | os.PathLike, budget="25%", device="cpu", max_unit: int | None = None,
@@ -217,7 +217,8 @@ def read_cached(key: dict, log=None) -> tuple[Profile | None, Path]:
                       and c.read_bps > 0 and all(math.isfinite(x) and x >= 0 for x in
                                                  (*c.compute_s, c.pre_s, c.read_bps, c.read_lat_s,
                                                   c.read_slowdown, c.disk_slowdown))
-                      and isinstance(c.inflight_bytes, int) and c.inflight_bytes >= 0)
+                      and isinstance(c.inflight_bytes, int) and c.inflight_bytes >= 0
+                      and len(c.refills) in (0, len(c.compute_s)) and all(r >= 1 for r in c.refills))
     except Exception as e:  # any malformed content: the file is a cache, measuring again is always right
         if log:
             log(f"profile cache {path} is unreadable ({type(e).__name__}: {e}): measuring again")

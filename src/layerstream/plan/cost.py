@@ -41,12 +41,16 @@ class CostModel:
     # host's I/O share the vCPUs with torch's threads (seen on the development VM: 1.0-1.6 GB/s with
     # compute waiting, 0.5-0.66 GB/s beside it).
     disk_slowdown: float = 0.0
-    # Bytes the disk can read during one step's compute (0: no limit). Kernel AIO reads are submitted
-    # and reaped on the compute thread, between steps, so a step finds at most this much in flight.
+    # Bytes the disk can read during one step's compute (0: no limit) per time the compute thread tops
+    # up kernel AIO's queue during it (reads are submitted and reaped on the compute thread only).
     inflight_bytes: int = 0
     # (unit id, bytes one load of it reads), sorted, for units whose read is not their slot: int8 units
     # and gather units (UnitLayout.read_nbytes: their extents; none for a gather unit). Others: the slot.
     read_bytes: tuple[tuple[int, int], ...] = ()
+    # Per step, the times the queue is topped up during its compute when it does not stream: one per
+    # module root it runs (each root's pre-hook; measured from a call). A streamed step tops it up once
+    # more, when its unit is released (the release issues the next loads). Empty: once per step.
+    refills: tuple[int, ...] = ()
 
     def read_s(self, nbytes: int) -> float:
         return self.read_lat_s + nbytes / self.read_bps
@@ -67,6 +71,10 @@ class CostModel:
         """Unit id -> bytes one load reads, for every unit of `sizes` (unit id -> slot bytes)."""
         return {u: self._read_of.get(u, s) for u, s in sizes.items()}
 
+    def refills_of(self, step: int, streamed: bool) -> int:
+        """How many times kernel AIO's queue is topped up during step `step`'s compute."""
+        return (self.refills[step] if self.refills else 1) + streamed
+
     @property
     def compute_total_s(self) -> float:
         return self.pre_s + sum(self.compute_s)
@@ -83,7 +91,8 @@ class CostModel:
             slowdown = min(MAX_SLOWDOWN, k / (1.0 - k)) if k < 1.0 else MAX_SLOWDOWN
         return cls(tuple(d["compute_s"]), d["pre_s"], d["read_bps"], d["read_lat_s"], slowdown,
                    d.get("disk_slowdown", 0.0), d.get("inflight_bytes", 0),
-                   tuple((int(u), int(n)) for u, n in d.get("read_bytes", ())))  # (absent before read bytes were)
+                   tuple((int(u), int(n)) for u, n in d.get("read_bytes", ())),  # (absent before read bytes were)
+                   tuple(int(r) for r in d.get("refills", ())))
 
 
 def with_read_bytes(costs: CostModel, sizes: Mapping[int, int], read_nbytes: Mapping[int, int]) -> CostModel:
@@ -112,14 +121,19 @@ def costs_from_record(program: Program, root_units: dict[str, list[int]],
     for uid, t0, t1 in reversed(unit_waits):  # reversed: pop() takes them in order
         waits.setdefault(uid, []).append((t0, t1))
     opens: list[tuple[int, int, int]] = []  # (unit id, start ns, ready ns), one per step
+    roots: list[int] = []  # per step, the root forwards that begin during it (each pre-hook tops up kernel AIO)
     for path, t0, t1 in record:
+        before = len(opens)
         for uid in root_units.get(path, ()):
             if not opens or opens[-1][0] != uid:
                 own = waits.get(uid)
                 opens.append((uid, *own.pop()) if own else (uid, t0, t1))
+                roots.append(0)
+        if roots:
+            roots[before if len(opens) > before else -1] += 1
     if tuple(u for u, _, _ in opens) != program.steps:
         return None
     ends = [t0 for _, t0, _ in opens[1:]] + [t_end_ns]
     compute = tuple(max(0, end - ready) / 1e9 for (_, _, ready), end in zip(opens, ends))
     pre = (opens[0][1] - t_start_ns) / 1e9 if opens else (t_end_ns - t_start_ns) / 1e9
-    return CostModel(compute, max(0.0, pre), read_bps)
+    return CostModel(compute, max(0.0, pre), read_bps, refills=tuple(max(1, r) for r in roots))

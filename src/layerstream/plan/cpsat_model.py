@@ -205,11 +205,16 @@ class CpsatModel:
         """Per step, in quanta (rounded up): the most the disk can read, as long alone, during its compute.
 
         A compute of c s lasts at most c (1 + x) (slowed throughout), and the disk reads beside it at
-        1 / (1 + y) of its speed, and no more than the reads in flight when it began."""
+        1 / (1 + y) of its speed, and no more than the reads in flight each time the queue is topped up
+        during it (`CostModel.refills_of`, as if the step streams wherever it may). `compute_s`: other
+        computes (the pre's), topped up once."""
         x, y = costs.read_slowdown, costs.disk_slowdown
         flight = costs.inflight_bytes / costs.read_bps if costs.inflight_bytes else math.inf
-        return [math.ceil(min(flight, c * (1 + x) / (1 + y)) / self.q)
-                for c in (costs.compute_s if compute_s is None else compute_s)]
+        if compute_s is not None:
+            return [math.ceil(min(flight, c * (1 + x) / (1 + y)) / self.q) for c in compute_s]
+        may_stream = set(self.streamed_steps)
+        return [math.ceil(min(flight * costs.refills_of(i, i in may_stream), c * (1 + x) / (1 + y)) / self.q)
+                for i, c in enumerate(costs.compute_s)]
 
     def _ring_terms(self, program: Program, sizes: dict[int, int], costs: CostModel, cap: int):
         """What the ring holds ahead, in read quanta: (per unit `w`, resident `held`, `ring`, `lat`) or None.

@@ -9,9 +9,10 @@ of a step waits for its load; a step's unit is released when its compute ends. C
 back, so the next call's first loads read during this call's tail, as in the runtime. Compute runs
 `1 + CostModel.read_slowdown` times slower while the disk reads and the disk `1 + disk_slowdown`
 times slower while compute runs (the development VM's two vCPUs serve torch's threads and the host's
-I/O), and during one compute the disk reads at most `inflight_bytes` (kernel AIO's reads in flight,
-refilled on the compute thread between steps), so loads are issued as soon as they may be and the
-two are advanced together, from one event (a compute's end, a read's end) to the next.
+I/O), and during one compute the disk reads at most `inflight_bytes` (kernel AIO's reads in flight)
+per time the compute thread tops up the queue during it (`CostModel.refills_of`: each root's
+pre-hook, and a streamed unit's release), so loads are issued as soon as they may be and the two
+are advanced together, from one event (a compute's end, a read's end) to the next.
 
 Planners call it hundreds of times per plan, so it is linear in the loads: releases happen in load
 order, so of the earlier loads sharing a load's ring bytes only the nearest one can be the last to
@@ -110,7 +111,8 @@ def _run(program: Program, sizes: dict[int, int], costs: CostModel, plan: Plan, 
     sharer = _nearest_sharer(offs, lsize, plan.ring_bytes) if n_load else []
     cslow = 1.0 + costs.read_slowdown  # compute's slowdown while the disk reads
     dslow = 1.0 + costs.disk_slowdown  # the disk's while compute runs
-    work = [(uid in resident, c) for uid, c in zip(program.steps, costs.compute_s)]
+    work = [(uid in resident, c, costs.refills_of(i, uid not in resident))
+            for i, (uid, c) in enumerate(zip(program.steps, costs.compute_s))]
     released: list[float] = []  # per absolute load index
     issued: list[float] = []
     started: list[float] = []
@@ -158,7 +160,7 @@ def _run(program: Program, sizes: dict[int, int], costs: CostModel, plan: Plan, 
         if len(done) < len(issued):
             start_read(now)
 
-    def compute(c: float) -> None:
+    def compute(c: float, refills: int = 1) -> None:
         """Run `c` s of compute (as long alone) from t; the disk reads beside it, each slowing the other."""
         nonlocal t, head_left
         if not coupled:  # (kept apart so that sums of times come out exactly as written)
@@ -167,7 +169,7 @@ def _run(program: Program, sizes: dict[int, int], costs: CostModel, plan: Plan, 
                 finish_read(head_end)
             t = end
             return
-        room = cap  # what the disk may still read during this compute, in seconds alone
+        room = cap * refills  # what the disk may still read during this compute, in seconds alone
         while len(done) < len(issued) and room > 0:
             if c * cslow < min(head_left, room) * dslow:  # the compute ends first
                 t += c * cslow
@@ -202,14 +204,14 @@ def _run(program: Program, sizes: dict[int, int], costs: CostModel, plan: Plan, 
         issue_until(t)
         compute(costs.pre_s)
         stalls, starts, load_of = [], [], []
-        for is_resident, c in work:
+        for is_resident, c, refills in work:
             issue_until(t)
             if is_resident:
                 if record:
                     stalls.append(0.0)
                     starts.append(t)
                     load_of.append(-1)
-                compute(c)
+                compute(c, refills)
                 continue
             t0 = t  # (its load was issued by now: the loads it waits for were released before this step)
             wait_for(k)
@@ -219,7 +221,7 @@ def _run(program: Program, sizes: dict[int, int], costs: CostModel, plan: Plan, 
                 load_of.append(k)
             consumed.append(t)
             issue_until(t)  # the next call's load of this slot may start now
-            compute(c)
+            compute(c, refills)
             released[k] = t
             k += 1
     if not record:
