@@ -66,8 +66,8 @@ def saved(tmp_path_factory):
     return get
 
 
-def until_learned(sm, call, most: int = 10) -> None:
-    """Run `call()` until `sm` has learned its costs and keeps its plan (3 to 7 calls: learn.py), and
+def until_learned(sm, call, most: int = 12) -> None:
+    """Run `call()` until `sm` has learned its costs and keeps its plan (3 to 9 calls: learn.py), and
     once more if the last of them re-planned (a new plan's first call starts with its ring empty)."""
     for _ in range(most):
         plan = sm.plan

@@ -254,16 +254,20 @@ def test_a_re_plans_warm_call_is_fitted_again_and_kept(saved, monkeypatch):
         program, sizes, first, ex = sm.cap.program, sm.sizes, sm.costs, sm._exec
         s.check(sm(*s.inputs))  # the re-plan's first call: nothing learned, its end reads ahead for the next
         assert sm.learning == "refine" and len(asked) == 1 and sm.costs is first and sm._exec.inflight
-        s.check(sm(*s.inputs))
-        assert len(asked) == 2 and asked[1] is sm.costs  # refit, and greedy planned with it
-        assert "fitted again to call 5" in sm.profile_note and "kept in" in sm.profile_note
+        took = []
+        for _ in range(2):  # two warm calls, the faster fitted
+            s.check(sm(*s.inputs))
+            took.append((ex.t_call[1] - ex.t_call[0]) / 1e9)
+            assert len(asked) == len(took)  # greedy asked again after the second only
+        assert asked[1] is sm.costs  # refit, and greedy planned with it
+        assert "the faster of calls 5 and 6" in sm.profile_note and "kept in" in sm.profile_note
         assert sm.costs.compute_s == first.compute_s  # the serial call's compute, refit slowdowns
-        measured = (ex.t_call[1] - ex.t_call[0]) / 1e9
+        measured = min(took)
         refit = simulate(program, sizes, sm.costs, forced[0], calls=3).latency_s  # the steady state
         assert sm.costs.disk_slowdown == 0 or refit == pytest.approx(measured, rel=0.02)  # 0: faster than any fit
         [path] = cached_files()
         assert ls.profile.Profile.from_json(path.read_text()).costs == sm.costs  # the cache holds the refit
-        for _ in range(6):  # a second round if greedy re-planned again, then no more
+        for _ in range(8):  # a second round if greedy re-planned again, then no more
             s.check(sm(*s.inputs))
         assert sm.learning == "done" and len(asked) <= 3
         ex = sm._exec

@@ -8,12 +8,12 @@ disk beside compute (plan/calibrate.py). That makes the cost model; the greedy p
 replaces the fill plan if the simulator predicts it faster. How much compute and the disk slow each
 other depends on which steps the reads run beside, so the two constants fitted to the fill plan's
 call mispredict a plan that reads beside other steps (ResNet-50's greedy plans ran 30-42% faster than
-predicted): a re-plan's second call (its first fills the new ring: "settle") is fitted again, as the
-warm call it is (the simulator's steady state), and greedy plans once more with those costs, up to
+predicted): the faster of a re-plan's second and third calls (its first fills the new ring:
+"settle") is fitted again, as the warm call it is (the simulator's steady state; the faster, as a
+slow moment of the host is not the plan's), and greedy plans once more with those costs, up to
 REFINE_ROUNDS times, so the plan that runs is the plan its costs were fitted to unless greedy moves on
-at the last round. (Fitted to the re-plan's first call, which starts with nothing read ahead as the
-timed call does, one such call that ran 50% over the warm ones mispredicted ViT-B/16 by 18%.) A warm
-call re-reads what the call before read, which a host that caches the virtual disk can serve faster
+at the last round. (The first call starts with nothing read ahead, as the timed call does, but the
+warm calls are what a plan is chosen by and predicted for.) A warm call re-reads what the call before read, which a host that caches the virtual disk can serve faster
 than the serial call measured the disk: when no slowdown makes the simulated call that short, the
 disk's speed is fitted up to WARM_SPEEDUP_MAX times the serial call's.
 Calls 2 and 3 start with nothing read ahead (the previous call's end issues the next call's first
@@ -61,7 +61,8 @@ CHECK_MIN_MS = 5.0  # ... or this many ms (tiny models' calls are noise at the m
 CHECK_CALLS = 2  # planned calls compared (the faster one: a slow moment of the host is not the model's)
 CHECK_WAIT = 16  # calls of other shapes after which a cached model is kept unchecked
 LEARN_TRIES = 4  # timed calls whose serial partner had other shapes, before learning gives up
-REFINE_ROUNDS = 2  # re-plans whose second call the slowdowns are fitted to again (see the module docstring)
+REFINE_ROUNDS = 2  # re-plans whose warm calls the slowdowns are fitted to again (see the module docstring)
+REFIT_CALLS = 2  # ... the faster of this many, after the re-plan's first
 WARM_CALLS = 3  # ... simulated as the last of this many back-to-back calls (simulate's steady state)
 WARM_SPEEDUP_MAX = 4.0  # ... whose disk may be fitted this much faster than the serial call's (a host cache)
 REFIT_MIN_SHARE = 0.25  # ... if it reads at least this share of the bytes the timed call read
@@ -142,8 +143,8 @@ def _learn(sm, ex, key: tuple) -> None:
     if sm._learning == "check":
         _check_cached(sm, key)
         return
-    if sm._learning == "settle":  # the re-plan's first call filled its ring; the next one is warm
-        sm._learning = "refine"
+    if sm._learning == "settle":  # the re-plan's first call filled its ring; the next ones are warm
+        sm._learning, sm._warm = "refine", []
         return
     if sm._learning == "refine":
         _refine(sm, ex, key)
@@ -202,27 +203,35 @@ def _learn(sm, ex, key: tuple) -> None:
 
 
 def _refine(sm, ex, key: tuple) -> None:
-    """Fit the slowdowns again to a warm call `ex` of the re-plan (the simulator's steady state), with
-    the serial call's compute and disk; re-plan with those costs. A call of other shapes than the
-    serial call's is skipped (up to LEARN_TRIES of them: generate()'s prefill and decoding steps
-    differ); a re-plan that reads much less than the timed call would fit the slowdowns on too little
-    (and the cached costs serve other budgets too), so it keeps the costs it has."""
+    """Fit the slowdowns again to the faster of two warm calls of the re-plan (`ex` the second; the
+    simulator's steady state: a slow moment of the host is not the plan's), with the serial call's
+    compute and disk; re-plan with those costs. A call of other shapes than the serial call's is
+    skipped (up to LEARN_TRIES of them: generate()'s prefill and decoding steps differ); a re-plan
+    that reads much less than the timed call would fit the slowdowns on too little (and the cached
+    costs serve other budgets too), so it keeps the costs it has."""
     if key != sm._key_overlapped:
         sm._mismatches += 1
         if sm._mismatches >= LEARN_TRIES:
             sm._learning = "done"
         return
-    sm._learning = "done"
     if _read_per_call(sm, sm._pure_costs) < REFIT_MIN_SHARE * sm._timed_read_bytes:
+        sm._learning = "done"
         return
     timed = costs_from_record(sm.cap.program, sm.cap.root_units, ex.recorded, *ex.t_call, sm._pure_costs.read_bps,
                               ex.unit_waits)
     if timed is None:  # another order (data-dependent control flow): keep the costs as they are
+        sm._learning = "done"
         return
+    sm._warm.append(((ex.t_call[1] - ex.t_call[0]) / 1e9, timed.compute_total_s, len(sm._latencies)))
+    if len(sm._warm) < REFIT_CALLS:
+        return
+    sm._learning = "done"
+    took, computed, call = min(sm._warm)
     sm._refines -= 1
-    costs = calibrate(sm.cap.program, sm.sizes, sm._pure_costs, sm.plan, (ex.t_call[1] - ex.t_call[0]) / 1e9,
-                      timed.compute_total_s, calls=WARM_CALLS, most_bps=WARM_SPEEDUP_MAX * sm._pure_costs.read_bps)
-    _to_cache(sm, key, costs, f"calls 2 and 3, slowdowns fitted again to call {len(sm._latencies)} (a re-plan's)")
+    costs = calibrate(sm.cap.program, sm.sizes, sm._pure_costs, sm.plan, took, computed, calls=WARM_CALLS,
+                      most_bps=WARM_SPEEDUP_MAX * sm._pure_costs.read_bps)
+    _to_cache(sm, key, costs, f"calls 2 and 3, slowdowns fitted again to call {call} (a re-plan's, the faster of "
+              f"calls {sm._warm[0][2]} and {sm._warm[-1][2]})")
     adopt(sm, costs, refine=sm._refines > 0)
 
 

@@ -29,7 +29,7 @@ from .meta import build_empty
 from .plan.cost import CostModel
 from .units import Program, TensorRef, Unit
 
-PROFILE_CALLS = 13  # at most: order, check (3), timed and serial again, two retries of other shapes, two refits (2 each)
+PROFILE_CALLS = 15  # at most: order, check (3), timed and serial again, two retries of other shapes, two refits (3 each)
 CACHE_VERSION = 5  # 2: gather and block units (units carry a mode); 3: stream()'s own entries, per-unit read bytes; 4: the read tax a slowdown while reading, and the disk's beside compute; 5: kernel AIO topped up per root and per release, not per step. Bump when the JSON's meaning changes: older files are then measured again
 
 
@@ -129,7 +129,7 @@ def profile(spec, weights: str | os.PathLike, budget="25%", device="cpu", max_un
     """(program, slot sizes, calibrated CostModel, max_unit) of `spec` streamed from `weights`.
 
     The first call learns the order, the next two are timed step by step, and when greedy re-plans the
-    re-plan's second call is fitted again (up to two re-plans; see learn.py). `log` gets a line
+    re-plan's warm calls are fitted again (up to two re-plans; see learn.py). `log` gets a line
     before and after each call (progress, on stderr by default; None for silence). The
     stream's own profile cache is used (a model streamed alike before is not timed again) unless
     `refresh`, which times it and writes the cache over.
@@ -151,10 +151,10 @@ def profile(spec, weights: str | os.PathLike, budget="25%", device="cpu", max_un
              "pure": "timing each step with reads serial: pure compute",
              "check": "checking a cached cost model against a planned call",
              "settle": "the re-plan's first call, filling its ring",
-             "refine": "fitting the slowdowns again to the re-plan's warm call"}
+             "refine": "fitting the slowdowns again to the re-plan's warm calls"}
     with sm:
         log(f"  streaming at {fmt_bytes(sm.budget_bytes)} in units of at most {fmt_bytes(sm.max_unit)}")
-        for i in range(PROFILE_CALLS):  # 3-7 when measuring; a cached model is checked, maybe measured again
+        for i in range(PROFILE_CALLS):  # 3-9 when measuring; a cached model is checked, maybe measured again
             stage = sm.learning
             t = time.perf_counter()
             sm(*inputs)
@@ -269,7 +269,7 @@ def load_or_profile(spec, weights, budget="25%", device="cpu", max_unit: int | N
     prof, path = (None, cache_path(key)) if refresh else read_cached(key, log)
     if prof is not None:
         return prof, path, True
-    log(f"profiling {spec.name} on {key['device']} (three to seven streamed calls; cached in {path.parent}) ...")
+    log(f"profiling {spec.name} on {key['device']} (three to nine streamed calls; cached in {path.parent}) ...")
     t = time.perf_counter()
     program, sizes, costs, max_unit = profile(spec, weights, budget, device, max_unit, log=log,
                                               refresh=refresh)
