@@ -267,9 +267,9 @@ def test_a_re_plans_warm_call_is_fitted_again_and_kept(saved, monkeypatch):
         assert sm.costs.disk_slowdown == 0 or refit == pytest.approx(measured, rel=0.02)  # 0: faster than any fit
         [path] = cached_files()
         assert ls.profile.Profile.from_json(path.read_text()).costs == sm.costs  # the cache holds the refit
-        for _ in range(8):  # a second round if greedy re-planned again, then no more
+        for _ in range(8):  # a second round if greedy re-planned again (it only fits: the plan stays)
             s.check(sm(*s.inputs))
-        assert sm.learning == "done" and len(asked) <= 3
+        assert sm.learning == "done" and len(asked) == 2
         ex = sm._exec
         s.check(sm(*s.inputs))
         assert sm._exec is ex

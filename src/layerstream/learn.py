@@ -11,8 +11,9 @@ call mispredict a plan that reads beside other steps (ResNet-50's greedy plans r
 predicted): the faster of a re-plan's second and third calls (its first fills the new ring:
 "settle") is fitted again, as the warm call it is (the simulator's steady state; the faster, as a
 slow moment of the host is not the plan's), and greedy plans once more with those costs, up to
-REFINE_ROUNDS times, so the plan that runs is the plan its costs were fitted to unless greedy moves on
-at the last round. (The first call starts with nothing read ahead, as the timed call does, but the
+REFINE_ROUNDS times; the last round only fits, so the plan that runs is the plan its costs were
+fitted to (when greedy moved on at the last round, its plan ran 30% faster than costs fitted to
+another predicted). (The first call starts with nothing read ahead, as the timed call does, but the
 warm calls are what a plan is chosen by and predicted for.) A warm call re-reads what the call before read, which a host that caches the virtual disk can serve faster
 than the serial call measured the disk: when no slowdown makes the simulated call that short, the
 disk's speed is fitted up to WARM_SPEEDUP_MAX times the serial call's.
@@ -232,7 +233,7 @@ def _refine(sm, ex, key: tuple) -> None:
                       most_bps=WARM_SPEEDUP_MAX * sm._pure_costs.read_bps)
     _to_cache(sm, key, costs, f"calls 2 and 3, slowdowns fitted again to call {call} (a re-plan's, the faster of "
               f"calls {sm._warm[0][2]} and {sm._warm[-1][2]})")
-    adopt(sm, costs, refine=sm._refines > 0)
+    adopt(sm, costs, refine=True, replan=sm._refines > 0)  # the last round keeps the plan it was fitted to
 
 
 def _read_per_call(sm, costs: CostModel) -> int:
@@ -252,14 +253,14 @@ def _alone_bps(sm, ex, pure: CostModel, reads: dict[int, int]) -> float:
     return max(MIN_BPS, nbytes / waited)
 
 
-def adopt(sm, costs: CostModel, refine: bool = False) -> None:
+def adopt(sm, costs: CostModel, refine: bool = False, replan: bool = True) -> None:
     """Take `costs` as the model's cost model; run greedy's plan if the simulator predicts it faster
-    (and with `refine`, fit the costs again to its second call: `_refine`)."""
+    (and with `refine`, fit the costs again to its warm calls: `_refine`); not `replan`: keep the plan."""
     sm.costs = costs
     now = simulate(sm.cap.program, sm.sizes, costs, sm.plan)
     sm.prediction = now
-    if hasattr(sm, "session_name"):
-        return  # a session's model: the session plans the whole workload with these costs
+    if hasattr(sm, "session_name") or not replan:
+        return  # (a session's model: the session plans the whole workload with these costs)
     plan, pred = plan_greedy(sm.cap.program, sm.sizes, costs, sm.budget_bytes)
     if pred.latency_s < now.latency_s * 0.98:
         sm.prediction = pred
