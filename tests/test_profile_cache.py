@@ -264,7 +264,10 @@ def test_a_re_plans_warm_call_is_fitted_again_and_kept(saved, monkeypatch):
         assert sm.costs.compute_s == first.compute_s  # the serial call's compute, refit slowdowns
         measured = min(took)
         refit = simulate(program, sizes, sm.costs, forced[0], calls=3).latency_s  # the steady state
-        assert sm.costs.disk_slowdown == 0 or refit == pytest.approx(measured, rel=0.02)  # 0: faster than any fit
+        # the simulated warm call is the faster measured one, unless it ran faster than any fit can say
+        # (no slowdown, and no disk up to 4x the serial call's explains it: then that disk is kept)
+        assert refit == pytest.approx(measured, rel=0.02) or (
+            refit > measured and sm.costs.disk_slowdown == 0 and sm.costs.read_bps == first.read_bps)
         [path] = cached_files()
         assert ls.profile.Profile.from_json(path.read_text()).costs == sm.costs  # the cache holds the refit
         for _ in range(8):  # a second round if greedy re-planned again (it only fits: the plan stays)

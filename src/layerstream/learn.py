@@ -14,9 +14,10 @@ slow moment of the host is not the plan's), and greedy plans once more with thos
 REFINE_ROUNDS times; the last round only fits, so the plan that runs is the plan its costs were
 fitted to (when greedy moved on at the last round, its plan ran 30% faster than costs fitted to
 another predicted). (The first call starts with nothing read ahead, as the timed call does, but the
-warm calls are what a plan is chosen by and predicted for.) A warm call re-reads what the call before read, which a host that caches the virtual disk can serve faster
-than the serial call measured the disk: when no slowdown makes the simulated call that short, the
-disk's speed is fitted up to WARM_SPEEDUP_MAX times the serial call's.
+warm calls are what a plan is chosen by and predicted for.) A warm call re-reads what the call
+before read, which a host that caches the virtual disk can serve faster than the serial call
+measured the disk: when no slowdown makes the simulated call that short, the disk's speed is fitted
+to what explains it, if up to WARM_SPEEDUP_MAX times the serial call's does.
 Calls 2 and 3 start with nothing read ahead (the previous call's end issues the next call's first
 loads; they are given back), and must have the same input shapes (`key`) to be compared:
 generate()'s prefill and decoding steps differ, so a serial call whose shapes differ from the timed

@@ -35,8 +35,8 @@ def calibrate_read_bps(program: Program, sizes: dict[int, int], costs: CostModel
     better than the model knows, not that the disk is faster than probed. With `most_bps` (a warm
     call of a plan that re-reads what the call before read, which a host that caches the virtual
     disk serves faster than the disk: warm calls of ResNet-50 read 98 MiB in 102-112 ms where its
-    serial call measured 1.04 GB/s), a call faster than the model at any slowdown raises it, up to
-    `most_bps`. `costs` must already say what each unit reads (`with_read_bytes`): the timed call
+    serial call measured 1.04 GB/s), a call faster than the model at any slowdown raises it to the
+    speed that explains it, if one up to `most_bps` does (else compute ran faster: it stays). `costs` must already say what each unit reads (`with_read_bytes`): the timed call
     read those bytes, not the slots, and a speed fitted to slot bytes would be too fast by their ratio.
     """
     def predicted(bps: float) -> float:
@@ -47,8 +47,8 @@ def calibrate_read_bps(program: Program, sizes: dict[int, int], costs: CostModel
     now = predicted(costs.read_bps)
     if most_bps and most_bps > costs.read_bps and now > measured_s:
         lo, hi = costs.read_bps, most_bps  # predicted(lo) > measured_s: faster until it is not
-        if predicted(hi) > measured_s:
-            return replace(costs, read_bps=hi)
+        if predicted(hi) > measured_s:  # no disk explains it (compute ran faster): keep the one measured
+            return costs
         for _ in range(iterations):
             mid = (lo * hi) ** 0.5
             if predicted(mid) > measured_s:

@@ -6,7 +6,8 @@ acquires). A step's compute is the time from its weights being ready to the next
 waits for reads are never counted as compute. Read cost is latency plus bytes over bandwidth, with
 the disk alone, measured on the same file with the same reader. Compute and the disk slow each other
 while both run (`read_slowdown`, `disk_slowdown`), and a step's compute finds at most
-`inflight_bytes` in flight: the simulator (simulate.py) plays these out, calibrate.py fits them.
+`inflight_bytes` in flight per top-up of kernel AIO's queue (`refills`): the simulator (simulate.py)
+plays these out, calibrate.py fits them.
 
 A unit's read is not always its slot: an int8 unit's slot holds the expanded float weights while the
 disk gives about a quarter of that, and a gather unit's planned load reads nothing ahead (its slot is

@@ -163,8 +163,8 @@ class CpsatModel:
         if for_bound:
             add_flow(self, program, sizes, costs, cap, quanta, ring_terms)
         # Redundant, for the bound: the disk reads every streamed step within one period, and what it
-        # cannot read during the computes (at most `inflight_bytes` each, the pre's included) while
-        # compute waits.
+        # cannot read during the computes (`read_allowance` each, the pre's included) while compute
+        # waits.
         period_reads = sum(quanta(costs.read_s(read[steps[i]])) * (1 - self.res[steps[i]]) for i in streamed_steps)
         m.add(self.T >= period_reads)
         allow = self.read_allowance(costs)
@@ -267,8 +267,8 @@ class CpsatModel:
         span = len(steps) if len(steps) <= WINDOW_STEPS else WINDOW_SPAN
         # Within a window, its computes and the reads it needs slow each other as in a period (the read
         # tax's comment in __init__): it lasts at least those reads plus the disk's share of those
-        # computes. And the disk reads little during a compute: at most `inflight_bytes` (CostModel),
-        # at its slowed rate, for at most the compute's slowed length (`read_allowance`). The reads the
+        # computes. And the disk reads little during a compute: at most `inflight_bytes` (CostModel) per
+        # top-up, at its slowed rate, for at most the compute's slowed length (`read_allowance`). The reads the
         # window needs beyond that happen while compute waits: the window is also at least its steps'
         # computes plus what they leave unread.
         allow = self.read_allowance(costs)

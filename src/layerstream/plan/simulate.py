@@ -118,8 +118,8 @@ def _run(program: Program, sizes: dict[int, int], costs: CostModel, plan: Plan, 
     started: list[float] = []
     done: list[float] = []
     consumed: list[float] = []
-    # The disk reads at most this long (alone) during one compute: the reads in flight when it started
-    # (kernel AIO is refilled only between steps, on the compute thread)
+    # The disk reads at most this long (alone) during one compute per top-up of kernel AIO's queue (the
+    # reads in flight then: it is refilled only on the compute thread, at roots' hooks and releases)
     cap = costs.inflight_bytes / costs.read_bps if costs.inflight_bytes and costs.read_bps > 0 else float("inf")
     coupled = cslow != 1.0 or dslow != 1.0 or cap != float("inf")
     t = 0.0
