@@ -267,7 +267,7 @@ def test_a_re_plans_warm_call_is_fitted_again_and_kept(saved, monkeypatch):
         # the simulated warm call is the faster measured one, unless it ran faster than any fit can say
         # (no slowdown, and no disk up to 4x the serial call's explains it: then that disk is kept)
         assert refit == pytest.approx(measured, rel=0.02) or (
-            refit > measured and sm.costs.disk_slowdown == 0 and sm.costs.read_bps == first.read_bps)
+            refit > measured and sm.costs.disk_slowdown == 0 and sm.costs.read_bps == sm._pure_costs.read_bps)
         [path] = cached_files()
         assert ls.profile.Profile.from_json(path.read_text()).costs == sm.costs  # the cache holds the refit
         for _ in range(8):  # a second round if greedy re-planned again (it only fits: the plan stays)
@@ -279,3 +279,39 @@ def test_a_re_plans_warm_call_is_fitted_again_and_kept(saved, monkeypatch):
     with ls.stream(s.model(), s.path, budget=budget(s), max_unit=UNIT) as again:
         s.check(again(*s.inputs))
         assert again.costs == sm.costs and again.learning == "check"
+
+
+def test_the_last_refit_goes_back_to_a_re_plan_that_ran_faster(saved, monkeypatch):
+    # Greedy's first two answers are forced (every unit streamed through the smallest ring, A, then a
+    # larger ring, B, each said to be faster): A is refit and B chosen; the last round refits B, and if
+    # A's warm calls ran faster (here made so), the model goes back to A with the costs fitted to A.
+    from dataclasses import replace
+
+    from layerstream import learn
+    from layerstream.plan.simulate import simulate
+    from layerstream.plan.types import make_plan
+    s = saved("tiny-gpt2")
+    asked = []
+
+    def greedy(program, sizes, costs, budget):
+        asked.append(costs)
+        loads = list(program.steps)
+        largest = max(sizes[u] for u in loads)
+        ring = largest if len(asked) == 1 else min(budget, sum(sizes[u] for u in set(loads))) // 4096 * 4096
+        plan = make_plan(budget, [], loads, sizes, max(ring, largest), "greedy")
+        return plan, replace(simulate(program, sizes, costs, plan), latency_s=0.0)
+
+    monkeypatch.setattr(learn, "plan_greedy", greedy)
+    with ls.stream(s.model(), s.path, budget=budget(s), max_unit=UNIT) as sm:
+        for _ in range(6):  # order, timed, serial; A: settle and two warm calls, refit; B chosen
+            s.check(sm(*s.inputs))
+        assert len(asked) == 2 and sm.learning == "settle" and sm._kept is not None
+        a_plan, _, a_costs, _ = sm._kept
+        assert sm.plan != a_plan
+        sm._kept = (a_plan, 1e-9, a_costs, "A's refit")  # A's warm calls: faster than B's can be
+        for _ in range(3):  # B: settle and two warm calls, refit: the last round
+            s.check(sm(*s.inputs))
+        assert sm.learning == "done" and len(asked) == 2
+        assert sm.plan == a_plan and sm.costs is a_costs and "back to it" in sm.profile_note
+        assert sm.prediction == simulate(sm.cap.program, sm.sizes, a_costs, a_plan)
+        s.check(sm(*s.inputs))

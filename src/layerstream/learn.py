@@ -13,7 +13,8 @@ predicted): the faster of a re-plan's second and third calls (its first fills th
 slow moment of the host is not the plan's), and greedy plans once more with those costs, up to
 REFINE_ROUNDS times; the last round only fits, so the plan that runs is the plan its costs were
 fitted to (when greedy moved on at the last round, its plan ran 30% faster than costs fitted to
-another predicted). (The first call starts with nothing read ahead, as the timed call does, but the
+another predicted), or goes back to the re-plan before it if that one's warm calls ran faster (a
+re-plan chosen from a refit once ran 495-525 ms after one at 361-364). (The first call starts with nothing read ahead, as the timed call does, but the
 warm calls are what a plan is chosen by and predicted for.) A warm call re-reads what the call
 before read, which a host that caches the virtual disk can serve faster than the serial call
 measured the disk: when no slowdown makes the simulated call that short, the disk's speed is fitted
@@ -65,6 +66,7 @@ CHECK_WAIT = 16  # calls of other shapes after which a cached model is kept unch
 LEARN_TRIES = 4  # timed calls whose serial partner had other shapes, before learning gives up
 REFINE_ROUNDS = 2  # re-plans whose warm calls the slowdowns are fitted to again (see the module docstring)
 REFIT_CALLS = 2  # ... the faster of this many, after the re-plan's first
+REPLAN_GAIN = 0.02  # a plan replaces the one running if predicted (or, at the last refit, measured) this much faster
 WARM_CALLS = 3  # ... simulated as the last of this many back-to-back calls (simulate's steady state)
 WARM_SPEEDUP_MAX = 4.0  # ... whose disk may be fitted this much faster than the serial call's (a host cache)
 REFIT_MIN_SHARE = 0.25  # ... if it reads at least this share of the bytes the timed call read
@@ -200,7 +202,7 @@ def _learn(sm, ex, key: tuple) -> None:
     sm._mismatches = 0
     costs = calibrate(sm.cap.program, sm.sizes, costs, sm.plan, sm._overlapped_s, sm._overlapped.compute_total_s)
     _to_cache(sm, key, costs)
-    sm._refines = REFINE_ROUNDS
+    sm._refines, sm._kept = REFINE_ROUNDS, None
     adopt(sm, costs, refine=True)
 
 
@@ -230,10 +232,19 @@ def _refine(sm, ex, key: tuple) -> None:
     sm._learning = "done"
     took, computed, call = min(sm._warm)
     sm._refines -= 1
+    if sm._refines == 0 and sm._kept is not None and sm._kept[1] < took * (1 - REPLAN_GAIN):
+        plan, faster, costs, by = sm._kept  # the re-plan before ran faster: back to it, and its costs
+        sm._restart(sm.cap, lambda: plan)
+        sm.costs, sm.prediction = costs, simulate(sm.cap.program, sm.sizes, costs, plan)
+        _to_cache(sm, key, costs, f"{by}; the plan after it ran slower ({took * 1e3:.1f} ms against "
+                  f"{faster * 1e3:.1f}): back to it")
+        return
     costs = calibrate(sm.cap.program, sm.sizes, sm._pure_costs, sm.plan, took, computed, calls=WARM_CALLS,
                       most_bps=WARM_SPEEDUP_MAX * sm._pure_costs.read_bps)
-    _to_cache(sm, key, costs, f"calls 2 and 3, slowdowns fitted again to call {call} (a re-plan's, the faster of "
-              f"calls {sm._warm[0][2]} and {sm._warm[-1][2]})")
+    by = (f"calls 2 and 3, slowdowns fitted again to call {call} (a re-plan's, the faster of calls "
+          f"{sm._warm[0][2]} and {sm._warm[-1][2]})")
+    sm._kept = (sm.plan, took, costs, by)
+    _to_cache(sm, key, costs, by)
     adopt(sm, costs, refine=True, replan=sm._refines > 0)  # the last round keeps the plan it was fitted to
 
 
@@ -263,7 +274,7 @@ def adopt(sm, costs: CostModel, refine: bool = False, replan: bool = True) -> No
     if hasattr(sm, "session_name") or not replan:
         return  # (a session's model: the session plans the whole workload with these costs)
     plan, pred = plan_greedy(sm.cap.program, sm.sizes, costs, sm.budget_bytes)
-    if pred.latency_s < now.latency_s * 0.98:
+    if pred.latency_s < now.latency_s * (1 - REPLAN_GAIN):
         sm.prediction = pred
         sm._restart(sm.cap, lambda: plan)
         if refine:
