@@ -36,8 +36,9 @@ def calibrate_read_bps(program: Program, sizes: dict[int, int], costs: CostModel
     call of a plan that re-reads what the call before read, which a host that caches the virtual
     disk serves faster than the disk: warm calls of ResNet-50 read 98 MiB in 102-112 ms where its
     serial call measured 1.04 GB/s), a call faster than the model at any slowdown raises it to the
-    speed that explains it, if one up to `most_bps` does (else compute ran faster: it stays). `costs` must already say what each unit reads (`with_read_bytes`): the timed call
-    read those bytes, not the slots, and a speed fitted to slot bytes would be too fast by their ratio.
+    speed that explains it, if one up to `most_bps` does (else compute ran faster: it stays).
+    `costs` must already say what each unit reads (`with_read_bytes`): the timed call read those
+    bytes, not the slots, and a speed fitted to slot bytes would be too fast by their ratio.
     """
     def predicted(bps: float) -> float:
         return simulate(program, sizes, replace(costs, read_bps=bps), plan, calls=calls).latency_s
@@ -46,28 +47,26 @@ def calibrate_read_bps(program: Program, sizes: dict[int, int], costs: CostModel
         return costs
     now = predicted(costs.read_bps)
     if most_bps and most_bps > costs.read_bps and now > measured_s:
-        lo, hi = costs.read_bps, most_bps  # predicted(lo) > measured_s: faster until it is not
-        if predicted(hi) > measured_s:  # no disk explains it (compute ran faster): keep the one measured
+        if predicted(most_bps) > measured_s:  # no disk explains it (compute ran faster): keep the one measured
             return costs
-        for _ in range(iterations):
-            mid = (lo * hi) ** 0.5
-            if predicted(mid) > measured_s:
-                lo = mid
-            else:
-                hi = mid
-        return replace(costs, read_bps=hi)
+        return replace(costs, read_bps=_slowest_enough(predicted, costs.read_bps, most_bps, measured_s, iterations))
     if now >= measured_s:
         return costs
-    lo, hi = MIN_BPS, costs.read_bps  # predicted(lo) >= measured_s > predicted(hi), latency falls with speed
-    if predicted(lo) < measured_s:
-        return replace(costs, read_bps=lo)
+    if predicted(MIN_BPS) < measured_s:
+        return replace(costs, read_bps=MIN_BPS)
+    return replace(costs, read_bps=_slowest_enough(predicted, MIN_BPS, costs.read_bps, measured_s, iterations))
+
+
+def _slowest_enough(predicted, lo: float, hi: float, measured_s: float, iterations: int) -> float:
+    """About the slowest read speed in [lo, hi] at which `predicted` (falling with speed) is within
+    `measured_s`, given predicted(lo) > measured_s >= predicted(hi): bisected geometrically."""
     for _ in range(iterations):
         mid = (lo * hi) ** 0.5
         if predicted(mid) > measured_s:
             lo = mid
         else:
             hi = mid
-    return replace(costs, read_bps=hi)
+    return hi
 
 
 def _bisect(f, target: float, hi: float, iterations: int) -> float:
