@@ -212,7 +212,8 @@ def _refine(sm, ex, key: tuple) -> None:
     compute and disk; re-plan with those costs. A call of other shapes than the serial call's is
     skipped (up to LEARN_TRIES of them: generate()'s prefill and decoding steps differ); a re-plan
     that reads much less than the timed call would fit the slowdowns on too little (and the cached
-    costs serve other budgets too), so it keeps the costs it has."""
+    costs serve other budgets too), so it keeps the costs it has. The last round does not re-plan: it
+    keeps its plan, or goes back to the re-plan before (`sm._kept`) if that one ran faster."""
     if key != sm._key_overlapped:
         sm._mismatches += 1
         if sm._mismatches >= LEARN_TRIES:
