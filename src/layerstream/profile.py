@@ -29,7 +29,7 @@ from .meta import build_empty
 from .plan.cost import CostModel
 from .units import Program, TensorRef, Unit
 
-PROFILE_CALLS = 15  # at most: order, check (3), timed and serial again, two retries of other shapes, two refits (3 each)
+PROFILE_CALLS = 15  # at most: order, check (3), timed, serial, two retries of other shapes, two refits (3 each)
 CACHE_VERSION = 5  # 2: gather and block units (units carry a mode); 3: stream()'s own entries, per-unit read bytes; 4: the read tax a slowdown while reading, and the disk's beside compute; 5: kernel AIO topped up per root and per release, not per step. Bump when the JSON's meaning changes: older files are then measured again
 
 
