@@ -7,7 +7,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from layerstream.plan.cost import CostModel, costs_from_record, with_read_bytes
+from layerstream.plan.cost import CostModel, costs_from_record, least_compute, with_read_bytes
 from layerstream.units import Program, Unit
 
 P = 4096  # one page
@@ -119,3 +119,11 @@ def test_costs_from_record_of_another_order_is_none():
     assert costs_from_record(prog, root_units, twice, T0, T0 + 5 * S, 5e8) is None
     # and the right order still gives a model, so the Nones above come from the order alone
     assert costs_from_record(prog, root_units, rec, T0, T0 + 5 * S, 5e8) is not None
+
+
+def test_least_compute_keeps_each_steps_least_and_the_rest_of_the_first():
+    serial = CostModel((1.0, 2.0, 3.0), 0.5, 1e9, read_slowdown=0.3, refills=(1, 2, 1))
+    warm = CostModel((1.5, 1.25, 3.0), 0.25, 4e9, disk_slowdown=2.0)
+    assert least_compute(serial, warm) == CostModel((1.0, 1.25, 3.0), 0.25, 1e9, read_slowdown=0.3, refills=(1, 2, 1))
+    with pytest.raises(ValueError, match="2 steps against 3"):
+        least_compute(CostModel((1.0, 2.0), 0.0, 1e9), warm)

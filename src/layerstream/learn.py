@@ -16,7 +16,10 @@ fitted to (when greedy moved on at the last round, its plan ran 30% faster than 
 another predicted), or goes back to the re-plan before it if that one's warm calls ran faster (a
 re-plan chosen from a refit once ran 495-525 ms after one at 361-364). (The first call starts with
 nothing read ahead, as the timed call does, but the warm calls are what a plan is chosen by and
-predicted for.) A warm call re-reads what the call before read, which a host that caches the virtual
+predicted for.) Each step's compute is the least it took in the serial call and the warm calls: the
+serial call's every loaded step waits first and runs slower after (ViT-B/16's serial calls computed
+318-337 ms in five calls where its steps took 307 with every weight resident: one-off), and one call
+is one moment of the host. A warm call re-reads what the call before read, which a host that caches the virtual
 disk can serve faster than the serial call measured the disk: when no slowdown makes the simulated
 call that short, the disk's speed is fitted to what explains it, if up to WARM_SPEEDUP_MAX times the
 serial call's does.
@@ -52,7 +55,7 @@ from .checkpoint import shard_paths
 from .measure import disk_read_bps
 from .plan import plan_fill
 from .plan.calibrate import MIN_BPS, calibrate
-from .plan.cost import CostModel, costs_from_record, with_read_bytes
+from .plan.cost import CostModel, costs_from_record, least_compute, with_read_bytes
 from .plan.greedy import plan_greedy
 from .plan.simulate import simulate
 from .profile import (CACHE_VERSION, Profile, device_signature, program_digest, read_cached, weight_identity,
@@ -210,7 +213,8 @@ def _learn(sm, ex, key: tuple) -> None:
 def _refine(sm, ex, key: tuple) -> None:
     """Fit the slowdowns again to the faster of two warm calls of the re-plan (`ex` the second; the
     simulator's steady state: a slow moment of the host is not the plan's), with the serial call's
-    compute and disk; re-plan with those costs. A call of other shapes than the serial call's is
+    disk and each step's least compute of the serial and the warm calls (cost.least_compute); re-plan
+    with those costs. A call of other shapes than the serial call's is
     skipped (up to LEARN_TRIES of them: generate()'s prefill and decoding steps differ); a re-plan
     that reads much less than the timed call would fit the slowdowns on too little (and the cached
     costs serve other budgets too), so it keeps the costs it has. The last round does not re-plan: it
@@ -229,6 +233,7 @@ def _refine(sm, ex, key: tuple) -> None:
         sm._learning = "done"
         return
     sm._warm.append(((ex.t_call[1] - ex.t_call[0]) / 1e9, timed.compute_total_s, len(sm._latencies)))
+    sm._pure_costs = least_compute(sm._pure_costs, timed)
     if len(sm._warm) < REFIT_CALLS:
         return
     sm._learning = "done"

@@ -96,6 +96,17 @@ class CostModel:
                    tuple(int(r) for r in d.get("refills", ())))
 
 
+def least_compute(costs: CostModel, other: CostModel) -> CostModel:
+    """`costs` with each step's compute (and the pre-step compute) the lesser of its and `other`'s: two
+    calls of one program, each step timed in both. A step's compute is longer than it need be after a
+    wait (every loaded step of a serial call waits, and the threads that slept wake slowly), beside a
+    read (the read tax) or in a slow moment of the host; the least seen is the nearest to its own."""
+    if len(costs.compute_s) != len(other.compute_s):
+        raise ValueError(f"{len(costs.compute_s)} steps against {len(other.compute_s)}: not one program's calls")
+    return replace(costs, compute_s=tuple(map(min, costs.compute_s, other.compute_s)),
+                   pre_s=min(costs.pre_s, other.pre_s))
+
+
 def with_read_bytes(costs: CostModel, sizes: Mapping[int, int], read_nbytes: Mapping[int, int]) -> CostModel:
     """`costs` charging unit u's loads `read_nbytes[u]` bytes of reading (its slot `sizes[u]` still in memory).
 
