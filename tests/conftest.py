@@ -67,10 +67,10 @@ def saved(tmp_path_factory):
 
 
 def until_learned(sm, call, most: int = 12) -> None:
-    """Run `call()` until `sm` has learned its costs and one whole call of the plan it keeps has run (4 to
-    10 calls: learn.py), so the next call is warm: its ring was filled at the end of the call before. The
-    call that ends learning may not leave it filled: a serial (timed) call issues nothing ahead, and a
-    re-plan's first call starts with its ring empty."""
+    """Run `call()` until `sm` has learned its costs and one whole call of the plan it keeps has run (3 to
+    10 calls: learn.py; 3 where nothing streams), so the next call is warm: its ring was filled at the
+    end of the call before. The call that ends learning may not leave it filled: a serial (timed) call
+    issues nothing ahead, and a re-plan's first call starts with its ring empty."""
     for _ in range(most):
         plan, learned = sm.plan, sm.learning == "done"
         call()

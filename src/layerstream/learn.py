@@ -16,10 +16,10 @@ fitted to (when greedy moved on at the last round, its plan ran 30% faster than 
 another predicted), or goes back to the re-plan before it if that one's warm calls ran faster (a
 re-plan chosen from a refit once ran 495-525 ms after one at 361-364). (The first call starts with
 nothing read ahead, as the timed call does, but the warm calls are what a plan is chosen by and
-predicted for.) Each step's compute is the least it took in the serial call and the warm calls: the
-serial call's every loaded step waits first and runs slower after (ViT-B/16's serial calls computed
-318-337 ms in five calls where its steps took 307 with every weight resident: one-off), and one call
-is one moment of the host. A warm call re-reads what the call before read, which a host that caches the virtual
+predicted for.) On CPU each step's compute is the least it took in the serial call and the two warm
+calls fitted: the serial call's every loaded step waits first and runs slower after (ViT-B/16's
+serial calls computed 318-337 ms in five calls where its steps took 307 with every weight resident:
+one-off), and one call is one moment of the host. A warm call re-reads what the call before read, which a host that caches the virtual
 disk can serve faster than the serial call measured the disk: when no slowdown makes the simulated
 call that short, the disk's speed is fitted to what explains it, if up to WARM_SPEEDUP_MAX times the
 serial call's does.
@@ -213,12 +213,12 @@ def _learn(sm, ex, key: tuple) -> None:
 def _refine(sm, ex, key: tuple) -> None:
     """Fit the slowdowns again to the faster of two warm calls of the re-plan (`ex` the second; the
     simulator's steady state: a slow moment of the host is not the plan's), with the serial call's
-    disk and each step's least compute of the serial and the warm calls (cost.least_compute); re-plan
-    with those costs. A call of other shapes than the serial call's is
-    skipped (up to LEARN_TRIES of them: generate()'s prefill and decoding steps differ); a re-plan
-    that reads much less than the timed call would fit the slowdowns on too little (and the cached
-    costs serve other budgets too), so it keeps the costs it has. The last round does not re-plan: it
-    keeps its plan, or goes back to the re-plan before (`sm._kept`) if that one ran faster."""
+    disk and, on CPU, each step's least compute of the serial call and these two (cost.least_compute);
+    re-plan with those costs. A call of other shapes than the serial call's is skipped (up to
+    LEARN_TRIES of them: generate()'s prefill and decoding steps differ); a re-plan that reads much
+    less than the timed call would fit the slowdowns on too little (and the cached costs serve other
+    budgets too), so it keeps the costs it has. The last round does not re-plan: it keeps its plan,
+    or goes back to the re-plan before (`sm._kept`) if that one ran faster."""
     if key != sm._key_overlapped:
         sm._mismatches += 1
         if sm._mismatches >= LEARN_TRIES:
@@ -232,12 +232,11 @@ def _refine(sm, ex, key: tuple) -> None:
     if timed is None:  # another order (data-dependent control flow): keep the costs as they are
         sm._learning = "done"
         return
-    sm._warm.append(((ex.t_call[1] - ex.t_call[0]) / 1e9, timed.compute_total_s, len(sm._latencies)))
-    sm._pure_costs = least_compute(sm._pure_costs, timed)
+    sm._warm.append(((ex.t_call[1] - ex.t_call[0]) / 1e9, timed.compute_total_s, len(sm._latencies), timed))
     if len(sm._warm) < REFIT_CALLS:
         return
     sm._learning = "done"
-    took, computed, call = min(sm._warm)
+    took, computed, call, _ = min(sm._warm, key=lambda w: w[0])
     sm._refines -= 1
     if sm._refines == 0 and sm._kept is not None and sm._kept[1] < took * (1 - REPLAN_GAIN):
         plan, faster, costs, by = sm._kept  # the re-plan before ran faster: back to it, and its costs
@@ -246,8 +245,12 @@ def _refine(sm, ex, key: tuple) -> None:
         _to_cache(sm, key, costs, f"{by}; the plan after it ran slower ({took * 1e3:.1f} ms against "
                   f"{faster * 1e3:.1f}): back to it")
         return
-    costs = calibrate(sm.cap.program, sm.sizes, sm._pure_costs, sm.plan, took, computed, calls=WARM_CALLS,
-                      most_bps=WARM_SPEEDUP_MAX * sm._pure_costs.read_bps)
+    pure = sm._pure_costs
+    if sm.device.type == "cpu":  # (on CUDA a step's host time is not its kernels': the GPU runs behind the host)
+        for *_, warm in sm._warm:
+            pure = least_compute(pure, warm)
+    costs = calibrate(sm.cap.program, sm.sizes, pure, sm.plan, took, computed, calls=WARM_CALLS,
+                      most_bps=WARM_SPEEDUP_MAX * pure.read_bps)
     by = (f"calls 2 and 3, slowdowns fitted again to call {call} (a re-plan's, the faster of calls "
           f"{sm._warm[0][2]} and {sm._warm[-1][2]})")
     sm._kept = (sm.plan, took, costs, by)
