@@ -35,6 +35,7 @@ WARM_SHARE = 0.2  # of the search's time at most, to turn greedy's plan into its
 BOUND_SHARE = 0.3  # of the time limit (less greedy and the first model's build), at least, for the bound
 POLISH_SHARE = 0.1  # of the time limit, for the candidates' simulation and the local search (polish.py)
 MIN_POLISH_S = 0.05  # the local search's least time, when the rest ran over
+FINISH_SHARE = 0.03  # of the time limit, kept after the local search: its set's ring and the prediction
 
 
 class SolverError(LayerstreamError, RuntimeError):
@@ -202,7 +203,7 @@ def plan_cpsat(program: Program, sizes: dict[int, int], costs: CostModel, budget
     # The models are coarser than the simulator, so the best of their sets is polished on the simulator
     # for the rest of the time limit (polish.py); the ring of the set it ends with is chosen as above.
     before, t = best[1], time.perf_counter()
-    best = polish(program, sizes, costs, budget, *best, max(deadline, t + MIN_POLISH_S))
+    best = polish(program, sizes, costs, budget, *best, max(deadline - FINISH_SHARE * time_limit_s, t + MIN_POLISH_S))
     consider(set(best[0].resident_ids), 0)
     if log:
         log(f"polished on the simulator in {time.perf_counter() - t:.2f} s: {before * 1e3:.3f} -> "
