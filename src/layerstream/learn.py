@@ -9,20 +9,21 @@ replaces the fill plan if the simulator predicts it faster. How much compute and
 other depends on which steps the reads run beside, so the two constants fitted to the fill plan's
 call mispredict a plan that reads beside other steps (ResNet-50's greedy plans ran 30-42% faster
 than predicted): the faster of a re-plan's second and third calls (its first fills the new ring:
-"settle") is fitted again, as the warm call it is (the simulator's steady state; the faster, as a
-slow moment of the host is not the plan's), and greedy plans once more with those costs, up to
-REFINE_ROUNDS times; the last round only fits, so the plan that runs is the plan its costs were
-fitted to (when greedy moved on at the last round, its plan ran 30% faster than costs fitted to
-another predicted), or goes back to the re-plan before it if that one's warm calls ran faster (a
-re-plan chosen from a refit once ran 495-525 ms after one at 361-364). (The first call starts with
-nothing read ahead, as the timed call does, but the warm calls are what a plan is chosen by and
-predicted for.) On CPU each step's compute is the least it took in the serial call and the two warm
-calls fitted: the serial call's every loaded step waits first and runs slower after (ViT-B/16's
-serial calls computed 318-337 ms in five calls where its steps took 307 with every weight resident:
-one-off), and one call is one moment of the host. A warm call re-reads what the call before read,
-which a host that caches the virtual disk can serve faster than the serial call measured the disk:
-when no slowdown makes the simulated call that short, the disk's speed is fitted to what explains
-it, if up to WARM_SPEEDUP_MAX times the serial call's does.
+"settle"; where greedy keeps the plan, the calls after the serial one, which read nothing ahead) is
+fitted again, as the warm call it is (the simulator's steady state; the faster, as a slow moment of
+the host is not the plan's), and greedy plans once more with those costs, up to REFINE_ROUNDS times;
+the last round only fits, so the plan that runs is the plan its costs were fitted to (when greedy
+moved on at the last round, its plan ran 30% faster than costs fitted to another predicted), or goes
+back to the re-plan before it if that one's warm calls ran faster (a re-plan chosen from a refit
+once ran 495-525 ms after one at 361-364). (The first call starts with nothing read ahead, as the
+timed call does, but the warm calls are what a plan is chosen by and predicted for.) On CPU each
+step's compute is the least it took in the serial call and the two warm calls fitted: the serial
+call's every loaded step waits first and runs slower after (ViT-B/16's serial calls computed 318-337
+ms in five calls where its steps took 307 with every weight resident: one-off), and one call is one
+moment of the host. A warm call re-reads what the call before read, which a host that caches the
+virtual disk can serve faster than the serial call measured the disk: when no slowdown makes the
+simulated call that short, the disk's speed is fitted to what explains it, if up to WARM_SPEEDUP_MAX
+times the serial call's does.
 Calls 2 and 3 start with nothing read ahead (the previous call's end issues the next call's first
 loads; they are given back), and must have the same input shapes (`key`) to be compared:
 generate()'s prefill and decoding steps differ, so a serial call whose shapes differ from the timed
@@ -208,6 +209,8 @@ def _learn(sm, ex, key: tuple) -> None:
     _to_cache(sm, key, costs)
     sm._refines, sm._kept = REFINE_ROUNDS, None
     adopt(sm, costs, refine=True)
+    if sm._learning == "done" and not hasattr(sm, "session_name"):  # greedy kept the plan: its warm calls
+        sm._learning = "settle"  # are fitted all the same (this serial call read nothing ahead: the next settles)
 
 
 def _refine(sm, ex, key: tuple) -> None:
