@@ -41,7 +41,7 @@ def main() -> None:
             ls.stream(build_empty(spec.build), packed, budget=a.budget, verify=False) as off:
         lat: dict[str, list[float]] = {"on": [], "off": []}
         with torch.no_grad():
-            for sm in (on, off):  # the learning calls (3 to 9), then the alternating timed ones
+            for sm in (on, off):  # the learning calls (6 to 9), then the alternating timed ones
                 for _ in range(12):
                     plan = sm.plan
                     sm(*inputs)

@@ -103,7 +103,7 @@ def test_sharded_forward_equals_eager(folders, eager, name, io):
     sm = ls.from_pretrained(folders[name], budget="35%", io=io)
     try:
         assert sm._reader.mode in ("direct", "buffered") and len(sm.index.parts) >= 3
-        for _ in range(4):  # the learning calls (order, timed, serial) and a planned one
+        for _ in range(4):  # learning calls: order, timed, serial, and the settle call of the plan
             assert torch.equal(sm(ids).logits, want)
         r = sm.report()
         assert r.arena_peak_bytes <= r.arena_bytes <= r.budget_bytes < r.weight_bytes

@@ -35,7 +35,7 @@ from .measure import disk_read_bps, evict_files, page_cache_bytes, peak_rss_byte
 from .outputs import outputs_equal, tensors_of
 from .peers import PEERS
 
-LEARNING_CALLS_MAX = 11  # warm-up calls at most while a stream still learns (learn.py: 3 to 9, more for retries)
+LEARNING_CALLS_MAX = 11  # warm-up calls at most while a stream still learns (learn.py: 6 to 9 if anything streams, more for retries)
 EAGER_SYSTEMS = ("eager", "load-then-run")  # the whole state dict loaded, then run
 
 
@@ -121,7 +121,7 @@ def worker(cfg: dict) -> dict:
     else:
         run = _load(cfg, model, device)
         lat, warmup = [], 1
-        if system == "layerstream":  # the first calls learn the order and costs (3 to 9: learn.py), at least 3,
+        if system == "layerstream":  # the first calls learn the order and costs (6 to 9: learn.py), at least 3,
             warmup = 0  # and a call that re-planned is followed by one more (a new plan's first starts empty)
             while warmup < LEARNING_CALLS_MAX:
                 plan = run.plan

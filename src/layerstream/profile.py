@@ -154,7 +154,7 @@ def profile(spec, weights: str | os.PathLike, budget="25%", device="cpu", max_un
              "refine": "fitting the slowdowns again to the re-plan's warm calls"}
     with sm:
         log(f"  streaming at {fmt_bytes(sm.budget_bytes)} in units of at most {fmt_bytes(sm.max_unit)}")
-        for i in range(PROFILE_CALLS):  # 3-9 when measuring; a cached model is checked, maybe measured again
+        for i in range(PROFILE_CALLS):  # 6-9 when measuring; a cached model is checked, maybe measured again
             stage = sm.learning
             t = time.perf_counter()
             sm(*inputs)
@@ -269,7 +269,7 @@ def load_or_profile(spec, weights, budget="25%", device="cpu", max_unit: int | N
     prof, path = (None, cache_path(key)) if refresh else read_cached(key, log)
     if prof is not None:
         return prof, path, True
-    log(f"profiling {spec.name} on {key['device']} (three to nine streamed calls; cached in {path.parent}) ...")
+    log(f"profiling {spec.name} on {key['device']} (six to nine streamed calls; cached in {path.parent}) ...")
     t = time.perf_counter()
     program, sizes, costs, max_unit = profile(spec, weights, budget, device, max_unit, log=log,
                                               refresh=refresh)
