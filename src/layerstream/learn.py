@@ -21,9 +21,9 @@ was predicted 1% faster; runs an hour apart measured it at 366 ms and the fill p
 call starts with nothing read ahead, as the timed call does, but the warm calls are what a plan is
 chosen by and predicted for.) On CPU each step's compute is the least it took in the serial call and the
 two warm calls fitted: the serial call's every loaded step waits first and runs slower after (ViT-B/16's
-serial calls computed 318-337 ms in five calls where its steps took 307 with every weight resident: one-
-off), and one call is one moment of the host. A warm call re-reads what the call before read, which a
-host that caches the virtual disk can serve faster than the serial call measured the disk: when no
+serial calls computed 318-337 ms in five calls where its steps took 307 with every weight resident:
+one-off), and one call is one moment of the host. A warm call re-reads what the call before read, which
+a host that caches the virtual disk can serve faster than the serial call measured the disk: when no
 slowdown makes the simulated call that short, the disk's speed is fitted to what explains it, if up to
 WARM_SPEEDUP_MAX times the serial call's does.
 Calls 2 and 3 start with nothing read ahead (the previous call's end issues the next call's first
