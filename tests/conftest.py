@@ -66,7 +66,7 @@ def saved(tmp_path_factory):
     return get
 
 
-def until_learned(sm, call, most: int = 12) -> None:
+def until_learned(sm, call, most: int = 14) -> None:
     """Run `call()` until `sm` has learned its costs and one whole call of the plan it keeps has run (3 to
     10 calls: learn.py; 3 where nothing streams), so the next call is warm: its ring was filled at the
     end of the call before. The call that ends learning may not leave it filled: a serial (timed) call

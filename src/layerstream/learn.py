@@ -9,23 +9,23 @@ if the simulator predicts it faster. How much compute and the disk slow each oth
 steps the reads run beside, so the two constants fitted to the fill plan's call mispredict a plan that
 reads beside other steps (ResNet-50's greedy plans ran 30-42% faster than predicted): the faster of a
 re-plan's second and third calls (its first fills the new ring: "settle"; where greedy keeps the plan,
-the calls after the serial one, which read nothing ahead) is fitted again, as the warm call it is (the
-simulator's steady state; the faster, as a slow moment of the host is not the plan's), and greedy plans
-once more with those costs, up to REFINE_ROUNDS times; the last round only fits, so the plan that runs
-is the plan its costs were fitted to (when greedy moved on at the last round, its plan ran 30% faster
-than costs fitted to another predicted), or goes back to the re-plan before it if that one's warm calls
-ran faster (a re-plan chosen from a refit once ran 495-525 ms after one at 361-364). After the first
-refit, greedy's plan is tried even if predicted up to EXPLORE_SLACK slower, as the last round measures
-it against the plan before (ViT-B/16 at 50%: with costs fitted to the fill plan's calls greedy's plan
-was predicted 1% faster; runs an hour apart measured it at 366 ms and the fill plan at 493). (The first
-call starts with nothing read ahead, as the timed call does, but the warm calls are what a plan is
-chosen by and predicted for.) On CPU each step's compute is the least it took in the serial call and the
-two warm calls fitted: the serial call's every loaded step waits first and runs slower after (ViT-B/16's
-serial calls computed 318-337 ms in five calls where its steps took 307 with every weight resident:
-one-off), and one call is one moment of the host. A warm call re-reads what the call before read, which
-a host that caches the virtual disk can serve faster than the serial call measured the disk: when no
-slowdown makes the simulated call that short, the disk's speed is fitted to what explains it, if up to
-WARM_SPEEDUP_MAX times the serial call's does.
+the second and third after the serial call, which read nothing ahead) is fitted again, as the warm call
+it is (the simulator's steady state; the faster, as a slow moment of the host is not the plan's), and
+greedy plans once more with those costs, up to REFINE_ROUNDS times; the last round only fits, so the
+plan that runs is the plan its costs were fitted to (when greedy moved on at the last round, its plan
+ran 30% faster than costs fitted to another predicted), or goes back to the re-plan before it if that
+one's warm calls ran faster (a re-plan chosen from a refit once ran 495-525 ms after one at 361-364).
+After the first refit, greedy's plan is tried even if predicted up to EXPLORE_SLACK slower, as the last
+round measures it against the plan before (ViT-B/16 at 50%: with costs fitted to the fill plan's calls
+greedy's plan was predicted 1% faster; runs an hour apart measured it at 366 ms and the fill plan at
+493). (The first call starts with nothing read ahead, as the timed call does, but the warm calls are
+what a plan is chosen by and predicted for.) On CPU each step's compute is the least it took in the
+serial call and the two warm calls fitted: the serial call's every loaded step waits first and runs
+slower after (ViT-B/16's serial calls computed 318-337 ms in five calls where its steps took 307 with
+every weight resident: one-off), and one call is one moment of the host. A warm call re-reads what the
+call before read, which a host that caches the virtual disk can serve faster than the serial call
+measured the disk: when no slowdown makes the simulated call that short, the disk's speed is fitted to
+what explains it, if up to WARM_SPEEDUP_MAX times the serial call's does.
 Calls 2 and 3 start with nothing read ahead (the previous call's end issues the next call's first
 loads; they are given back), and must have the same input shapes (`key`) to be compared:
 generate()'s prefill and decoding steps differ, so a serial call whose shapes differ from the timed
@@ -33,16 +33,17 @@ one's is thrown away and the next call is timed again.
 
 The cost model is kept in the profile cache (profile.py's directory), keyed by everything its numbers
 depend on: the weight files as opened (path, size, mtime, header hash), the model's class and config,
-the Program after call 1 (the unit cut, hence max_unit, gathering and the order), the budget (the
-read speed is calibrated against its plan), the device, torch's version and thread count and the CPU,
-the call's input shapes and dtypes (and a generate() step's KV-cache length, in powers of two), the
-reader and I/O backend, whether reads are verified, and whether a Session runs it. A later stream
-that finds its key after a call (its first, or a later one while learning) adopts the cached costs
-and plans at once: the timed and the serial call are skipped. A cost model is as good as the moment
-it was measured on a host whose speed moves, so the planned calls check it (the faster of the second
-and third): off the prediction by more than 20%, the model is timed again and the cache written over
-("refresh" does that at once). Sessions do not check: a session re-plans its whole workload. `profile_cache="off"`
-neither reads nor writes; `"refresh"` measures and writes over.
+the Program after call 1 (the unit cut, hence max_unit, gathering and the order), the budget (the read
+speed is calibrated against its plan), the device, torch's version and thread count and the CPU, the
+call's input shapes and dtypes (and a generate() step's KV-cache length, in powers of two), the reader
+and I/O backend, whether reads are verified, and whether a Session runs it. A later stream that finds
+its key after a call (its first, or a later one while learning) adopts the cached costs and the plan
+learning ended on (or greedy's from those costs, where it ended before a plan was fitted) at once: the
+timed and the serial call are skipped. A cost model is as good as the moment it was measured on a host
+whose speed moves, so the planned calls check it (the faster of the second and third): off the
+prediction by more than 20%, the model is timed again and the cache written over ("refresh" does that at
+once). Sessions do not check: a session re-plans its whole workload. `profile_cache="off"` neither reads
+nor writes; `"refresh"` measures and writes over.
 """
 from __future__ import annotations
 
@@ -155,8 +156,8 @@ def _learn(sm, ex, key: tuple) -> None:
     if sm._learning == "check":
         _check_cached(sm, key)
         return
-    if sm._learning == "settle":  # the re-plan's first call filled its ring; the next ones are warm
-        sm._learning, sm._warm = "refine", []
+    if sm._learning == "settle":  # the plan's first call (a re-plan's, or the kept plan's after the
+        sm._learning, sm._warm, sm._mismatches = "refine", [], 0  # serial call) filled its ring; the next are warm
         return
     if sm._learning == "refine":
         _refine(sm, ex, key)
@@ -228,15 +229,15 @@ def _refine(sm, ex, key: tuple) -> None:
     if key != sm._key_overlapped:
         sm._mismatches += 1
         if sm._mismatches >= LEARN_TRIES:
-            sm._learning = "done"
+            _stop_refining(sm, key, "calls of other shapes")
         return
     if _read_per_call(sm, sm._pure_costs) < REFIT_MIN_SHARE * sm._timed_read_bytes:
-        sm._learning = "done"
+        _stop_refining(sm, key, "it reads too little to fit")
         return
     timed = costs_from_record(sm.cap.program, sm.cap.root_units, ex.recorded, *ex.t_call, sm._pure_costs.read_bps,
                               ex.unit_waits)
     if timed is None:  # another order (data-dependent control flow): keep the costs as they are
-        sm._learning = "done"
+        _stop_refining(sm, key, "its call took another order")
         return
     sm._warm.append(((ex.t_call[1] - ex.t_call[0]) / 1e9, timed.compute_total_s, len(sm._latencies), timed))
     if len(sm._warm) < REFIT_CALLS:
@@ -249,7 +250,7 @@ def _refine(sm, ex, key: tuple) -> None:
         sm._restart(sm.cap, lambda: plan)
         sm.costs, sm.prediction = costs, simulate(sm.cap.program, sm.sizes, costs, plan)
         _to_cache(sm, key, costs, f"{by}; the plan after it ran slower ({took * 1e3:.1f} ms against "
-                  f"{faster * 1e3:.1f}): back to it")
+                  f"{faster * 1e3:.1f}): back to it", plan)
         return
     pure = sm._pure_costs
     if sm.device.type == "cpu":  # (on CUDA a step's host time is not its kernels': the GPU runs behind the host)
@@ -257,13 +258,25 @@ def _refine(sm, ex, key: tuple) -> None:
             pure = least_compute(pure, warm)
     costs = calibrate(sm.cap.program, sm.sizes, pure, sm.plan, took, computed, calls=WARM_CALLS,
                       most_bps=WARM_SPEEDUP_MAX * pure.read_bps)
-    by = (f"calls 2 and 3, slowdowns fitted again to call {call} (a re-plan's, the faster of calls "
+    by = (f"calls 2 and 3, slowdowns fitted again to call {call} (the plan's, the faster of calls "
           f"{sm._warm[0][2]} and {sm._warm[-1][2]})")
     sm._kept = (sm.plan, took, costs, by)
-    _to_cache(sm, key, costs, by)
     # The last round keeps the plan it was fitted to; the one before tries greedy's plan even if predicted
     # a little slower, as the last round measures it against this one (and goes back if it is slower).
     adopt(sm, costs, refine=True, replan=sm._refines > 0, slack=EXPLORE_SLACK)
+    _to_cache(sm, key, costs, by, sm.plan if sm._learning == "done" else None)  # (with the plan learning ends on)
+
+
+def _stop_refining(sm, key: tuple, why: str) -> None:
+    """End learning before a round's fit. In the last round the plan running was chosen on a prediction
+    (perhaps up to EXPLORE_SLACK slower) and is not measured against the plan before, which was: back
+    to that one and its costs."""
+    sm._learning = "done"
+    if sm._refines == 1 and sm._kept is not None and sm._kept[0] != sm.plan:
+        plan, _, costs, by = sm._kept
+        sm._restart(sm.cap, lambda: plan)
+        sm.costs, sm.prediction = costs, simulate(sm.cap.program, sm.sizes, costs, plan)
+        _to_cache(sm, key, costs, f"{by}; the plan after it was not measured ({why}): back to it", plan)
 
 
 def _read_per_call(sm, costs: CostModel) -> int:
@@ -293,8 +306,9 @@ def adopt(sm, costs: CostModel, refine: bool = False, replan: bool = True, slack
     if hasattr(sm, "session_name") or not replan:
         return  # (a session's model: the session plans the whole workload with these costs)
     plan, pred = plan_greedy(sm.cap.program, sm.sizes, costs, sm.budget_bytes)
+    other = replace(plan, planner=sm.plan.planner) != sm.plan  # another layout, not just another name
     if pred.latency_s < now.latency_s * (1 - REPLAN_GAIN) or (
-            slack and plan != sm.plan and pred.latency_s <= now.latency_s * (1 + slack)):
+            slack and other and pred.latency_s <= now.latency_s * (1 + slack)):
         sm.prediction = pred
         sm._restart(sm.cap, lambda: plan)
         if refine:
@@ -309,7 +323,13 @@ def _from_cache(sm, key: tuple) -> bool:
         prof, path = read_cached(cache_key(sm, key))
         if prof is None or prof.program != sm.cap.program or prof.sizes != sm.sizes:
             return False
-        adopt(sm, prof.costs)
+        if prof.plan is None or hasattr(sm, "session_name"):
+            adopt(sm, prof.costs)
+        else:  # the plan learning ended on (greedy's plan from these costs may be one it measured and left)
+            sm.costs = prof.costs
+            if prof.plan != sm.plan:
+                sm._restart(sm.cap, lambda: prof.plan)
+            sm.prediction = simulate(sm.cap.program, sm.sizes, prof.costs, prof.plan)
     except Exception as e:  # no cache directory, an entry that does not plan: learn as if the cache were off
         sm.costs = sm.prediction = None
         sm.profile_note = f"profile cache not used ({type(e).__name__}: {e})"
@@ -352,13 +372,14 @@ def _check_cached(sm, key: tuple) -> None:
     sm._learning, sm._profile_cache = "overlapped", "refresh"  # time the next calls; write the cache over
 
 
-def _to_cache(sm, key: tuple, costs: CostModel, by: str = "calls 2 and 3") -> None:
+def _to_cache(sm, key: tuple, costs: CostModel, by: str = "calls 2 and 3", plan=None) -> None:
+    """Keep `costs` (and `plan`, where learning ends on it) in the profile cache; say so in the note."""
     if sm._profile_cache == "off" or sm._weights_identity is None:
         sm.profile_note = f"cost model measured by {by} (profile cache off" + (
             ")" if sm._profile_cache == "off" else ": a weight file could not be identified)")
         return
     try:
-        path = write_cached(Profile(sm.cap.program, dict(sm.sizes), costs, sm.max_unit, cache_key(sm, key)))
+        path = write_cached(Profile(sm.cap.program, dict(sm.sizes), costs, sm.max_unit, cache_key(sm, key), plan=plan))
     except Exception as e:  # a read-only home: the model runs the same, the next stream measures again
         sm.profile_note = f"cost model measured by {by}; not cached ({e})"
         return

@@ -27,10 +27,11 @@ from .budget import fmt_bytes, parse_budget
 from .errors import BudgetError, ModelError
 from .meta import build_empty
 from .plan.cost import CostModel
+from .plan.types import Plan
 from .units import Program, TensorRef, Unit
 
 PROFILE_CALLS = 15  # at most: order, check (3), timed, serial, two retries of other shapes, two refits (3 each)
-CACHE_VERSION = 5  # 2: gather and block units (units carry a mode); 3: stream()'s own entries, per-unit read bytes; 4: the read tax a slowdown while reading, and the disk's beside compute; 5: kernel AIO topped up per root and per release, not per step. Bump when the JSON's meaning changes: older files are then measured again
+CACHE_VERSION = 6  # 2: gather and block units (units carry a mode); 3: stream()'s own entries, per-unit read bytes; 4: the read tax a slowdown while reading, and the disk's beside compute; 5: kernel AIO topped up per root and per release, not per step; 6: the plan learning ended on. Bump when the JSON's meaning changes: older files are then measured again
 
 
 def _stderr(msg: str) -> None:
@@ -100,17 +101,22 @@ class Profile:
     max_unit: int  # the unit size the program was cut with: stream with it for a plan to fit
     key: dict  # weight file identity, device, inputs, max_unit, reader, version
     measured_s: float = 0.0  # wall time the measurement took
+    # The plan a stream's learning ended on (its entries only): a stream that finds the entry runs it,
+    # rather than greedy's plan from these costs, which may be the plan learning measured and left.
+    plan: Plan | None = None
 
     def to_json(self) -> str:
         return json.dumps({"key": self.key, "max_unit": self.max_unit, "measured_s": self.measured_s,
                            "costs": json.loads(self.costs.to_json()), "sizes": {str(u): s for u, s in self.sizes.items()},
-                           "program": program_to_dict(self.program)}, indent=1)
+                           "program": program_to_dict(self.program),
+                           "plan": json.loads(self.plan.to_json()) if self.plan else None}, indent=1)
 
     @classmethod
     def from_json(cls, text: str) -> "Profile":
         d = json.loads(text)
+        plan = Plan.from_json(json.dumps(d["plan"])) if d.get("plan") else None
         return cls(program_from_dict(d["program"]), {int(u): s for u, s in d["sizes"].items()},
-                   CostModel.from_json(json.dumps(d["costs"])), d["max_unit"], d["key"], d.get("measured_s", 0.0))
+                   CostModel.from_json(json.dumps(d["costs"])), d["max_unit"], d["key"], d.get("measured_s", 0.0), plan)
 
     def summary(self) -> str:
         c = self.costs
@@ -128,8 +134,8 @@ def profile(spec, weights: str | os.PathLike, budget="25%", device="cpu", max_un
             log=_stderr, refresh: bool = False):
     """(program, slot sizes, calibrated CostModel, max_unit) of `spec` streamed from `weights`.
 
-    The first call learns the order, the next two are timed step by step, and when greedy re-plans the
-    re-plan's warm calls are fitted again (up to two re-plans; see learn.py). `log` gets a line
+    The first call learns the order, the next two are timed step by step, and the warm calls of the plan
+    then running (greedy's, or the one kept) are fitted again, in up to two rounds (see learn.py). `log` gets a line
     before and after each call (progress, on stderr by default; None for silence). The
     stream's own profile cache is used (a model streamed alike before is not timed again) unless
     `refresh`, which times it and writes the cache over.
@@ -150,8 +156,8 @@ def profile(spec, weights: str | os.PathLike, budget="25%", device="cpu", max_un
     doing = {"order": "learning the step order", "overlapped": "timing each step with reads overlapping compute",
              "pure": "timing each step with reads serial: pure compute",
              "check": "checking a cached cost model against a planned call",
-             "settle": "the re-plan's first call, filling its ring",
-             "refine": "fitting the slowdowns again to the re-plan's warm calls"}
+             "settle": "the plan's first call, filling its ring",
+             "refine": "fitting the slowdowns again to the plan's warm calls"}
     with sm:
         log(f"  streaming at {fmt_bytes(sm.budget_bytes)} in units of at most {fmt_bytes(sm.max_unit)}")
         for i in range(PROFILE_CALLS):  # 6-9 when measuring; a cached model is checked, maybe measured again
@@ -219,6 +225,9 @@ def read_cached(key: dict, log=None) -> tuple[Profile | None, Path]:
                                                   c.read_slowdown, c.disk_slowdown))
                       and isinstance(c.inflight_bytes, int) and c.inflight_bytes >= 0
                       and len(c.refills) in (0, len(c.compute_s)) and all(r >= 1 for r in c.refills))
+        if prof.plan is not None:  # a plan for this program's units, in its budget (PlanError: measured again)
+            prof.plan.validate(prof.sizes)
+            consistent = consistent and {u for u, _ in prof.plan.loads} <= set(prof.program.steps)
     except Exception as e:  # any malformed content: the file is a cache, measuring again is always right
         if log:
             log(f"profile cache {path} is unreadable ({type(e).__name__}: {e}): measuring again")

@@ -120,9 +120,9 @@ class StreamedModel(nn.Module):
         self._overlapped: CostModel | None = None
         self._overlapped_s = 0.0
         self._pure_costs: CostModel | None = None  # the serial call's (compute and the disk alone), to refit
-        self._refines = 0  # re-plans left whose warm calls are fitted again (learn.REFINE_ROUNDS)
-        self._warm: list = []  # a re-plan's warm calls so far: (s, compute s, call number, their CostModel)
-        self._kept = None  # the last refit re-plan: (plan, its faster warm call s, its costs, how fitted)
+        self._refines = 0  # rounds left whose plan's warm calls are fitted again (learn.REFINE_ROUNDS)
+        self._warm: list = []  # this round's warm calls so far: (s, compute s, call number, their CostModel)
+        self._kept = None  # the last refit plan: (plan, its faster warm call s, its costs, how fitted)
         self._timed_read_bytes = 0  # what the timed call's plan read (learn.REFIT_MIN_SHARE)
         self.prediction: Prediction | None = None
         plan = plan or plan_fill(self.cap.program, self.sizes, self.budget_bytes)
@@ -271,8 +271,9 @@ class StreamedModel(nn.Module):
     @property
     def learning(self) -> str:
         """What the next call teaches the planner (learn.py): "order", "overlapped" (timed), "pure" (serial),
-        "settle" (a re-plan's first call, filling its ring), "refine" (its next two, the faster fitted
-        again), "check" (a cached cost model); "done" once the plan is the one calls will keep running."""
+        "settle" (a plan's first call after a re-plan or the serial call, filling its ring), "refine" (its
+        next two, the faster fitted again), "check" (a cached cost model); "done" once the plan is the one
+        calls will keep running."""
         return self._learning
 
     def report(self) -> Report:
