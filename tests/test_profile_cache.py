@@ -293,16 +293,14 @@ def test_a_re_plans_warm_call_is_fitted_again_and_kept(saved, monkeypatch):
         assert again.costs == sm.costs and again.learning == "check" and again.plan == sm.plan  # the plan kept
 
 
-def test_the_last_refit_goes_back_to_a_re_plan_that_ran_faster(saved, monkeypatch):
-    # Greedy's first two answers are forced (every unit streamed through the smallest ring, A, then a
-    # larger ring, B, each said to be faster): A is refit and B chosen; the last round refits B, and if
-    # A's warm calls ran faster (here made so), the model goes back to A with the costs fitted to A.
+def _greedy_a_then_b(monkeypatch) -> list:
+    """Force greedy's answers: every unit streamed through the smallest ring (A), then through a larger
+    ring (B), each said to be faster than anything. Returns the list of the costs greedy was asked with."""
     from dataclasses import replace
 
     from layerstream import learn
     from layerstream.plan.simulate import simulate
     from layerstream.plan.types import make_plan
-    s = saved("tiny-gpt2")
     asked = []
 
     def greedy(program, sizes, costs, budget):
@@ -314,6 +312,16 @@ def test_the_last_refit_goes_back_to_a_re_plan_that_ran_faster(saved, monkeypatc
         return plan, replace(simulate(program, sizes, costs, plan), latency_s=0.0)
 
     monkeypatch.setattr(learn, "plan_greedy", greedy)
+    return asked
+
+
+def test_the_last_refit_goes_back_to_a_re_plan_that_ran_faster(saved, monkeypatch):
+    # Greedy's first two answers are forced (every unit streamed through the smallest ring, A, then a
+    # larger ring, B, each said to be faster): A is refit and B chosen; the last round refits B, and if
+    # A's warm calls ran faster (here made so), the model goes back to A with the costs fitted to A.
+    from layerstream.plan.simulate import simulate
+    s = saved("tiny-gpt2")
+    asked = _greedy_a_then_b(monkeypatch)
     with ls.stream(s.model(), s.path, budget=budget(s), max_unit=UNIT) as sm:
         for _ in range(6):  # order, timed, serial; A: settle and two warm calls, refit; B chosen
             s.check(sm(*s.inputs))
@@ -336,23 +344,8 @@ def test_the_last_refit_goes_back_to_a_re_plan_that_ran_faster(saved, monkeypatc
 def test_a_plan_tried_but_never_measured_goes_back(saved, monkeypatch):
     # As above, B chosen after A's refit; then B's round ends before its calls are fitted (here: it is made
     # to read too little against the timed call), so B was never measured against A: back to A.
-    from dataclasses import replace
-
-    from layerstream import learn
-    from layerstream.plan.simulate import simulate
-    from layerstream.plan.types import make_plan
     s = saved("tiny-gpt2")
-    asked = []
-
-    def greedy(program, sizes, costs, budget):
-        asked.append(costs)
-        loads = list(program.steps)
-        largest = max(sizes[u] for u in loads)
-        ring = largest if len(asked) == 1 else min(budget, sum(sizes[u] for u in set(loads))) // 4096 * 4096
-        plan = make_plan(budget, [], loads, sizes, max(ring, largest), "greedy")
-        return plan, replace(simulate(program, sizes, costs, plan), latency_s=0.0)
-
-    monkeypatch.setattr(learn, "plan_greedy", greedy)
+    _greedy_a_then_b(monkeypatch)
     with ls.stream(s.model(), s.path, budget=budget(s), max_unit=UNIT) as sm:
         for _ in range(6):  # order, timed, serial; A: settle and two warm calls, refit; B chosen
             s.check(sm(*s.inputs))
