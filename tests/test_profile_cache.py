@@ -380,7 +380,8 @@ def test_the_first_refit_tries_greedys_other_plan_even_if_predicted_a_little_slo
         ring = largest if not plans else min(budget, sum(sizes[u] for u in set(loads))) // 4096 * 4096
         plans.append(make_plan(budget, [], loads, sizes, max(ring, largest), "greedy"))
         a = simulate(program, sizes, costs, plans[0]).latency_s
-        return plans[-1], replace(simulate(program, sizes, costs, plans[-1]), latency_s=a * slower if plans[1:] else 0.0)
+        said = a * slower if plans[1:] else 0.0
+        return plans[-1], replace(simulate(program, sizes, costs, plans[-1]), latency_s=said)
 
     monkeypatch.setattr(learn, "plan_greedy", greedy)
     assert learn.EXPLORE_SLACK == 0.1

@@ -35,7 +35,8 @@ from .measure import disk_read_bps, evict_files, page_cache_bytes, peak_rss_byte
 from .outputs import outputs_equal, tensors_of
 from .peers import PEERS
 
-LEARNING_CALLS_MAX = 11  # warm-up calls at most while a stream still learns (learn.py: 6 to 9 if anything streams, more for retries)
+# Warm-up calls at most while a stream still learns (learn.py: 6 to 9 if anything streams, more for retries).
+LEARNING_CALLS_MAX = 11
 EAGER_SYSTEMS = ("eager", "load-then-run")  # the whole state dict loaded, then run
 
 

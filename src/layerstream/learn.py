@@ -156,8 +156,10 @@ def _learn(sm, ex, key: tuple) -> None:
     if sm._learning == "check":
         _check_cached(sm, key)
         return
-    if sm._learning == "settle":  # the plan's first call (a re-plan's, or the kept plan's after the
-        sm._learning, sm._warm, sm._mismatches = "refine", [], 0  # serial call) filled its ring; the next are warm
+    if sm._learning == "settle":
+        # The plan's first call (a re-plan's, or the kept plan's after the serial call) filled its ring:
+        # the next ones are warm. Each round counts its own calls of other shapes.
+        sm._learning, sm._warm, sm._mismatches = "refine", [], 0
         return
     if sm._learning == "refine":
         _refine(sm, ex, key)
@@ -239,27 +241,23 @@ def _refine(sm, ex, key: tuple) -> None:
     if timed is None:  # another order (data-dependent control flow): keep the costs as they are
         _stop_refining(sm, key, "its call took another order")
         return
-    sm._warm.append(((ex.t_call[1] - ex.t_call[0]) / 1e9, timed.compute_total_s, len(sm._latencies), timed))
+    sm._warm.append(((ex.t_call[1] - ex.t_call[0]) / 1e9, len(sm._latencies), timed))
     if len(sm._warm) < REFIT_CALLS:
         return
     sm._learning = "done"
-    took, computed, call, _ = min(sm._warm, key=lambda w: w[0])
+    took, call, fitted = min(sm._warm, key=lambda w: w[0])
     sm._refines -= 1
     if sm._refines == 0 and sm._kept is not None and sm._kept[1] < took * (1 - REPLAN_GAIN):
-        plan, faster, costs, by = sm._kept  # the re-plan before ran faster: back to it, and its costs
-        sm._restart(sm.cap, lambda: plan)
-        sm.costs, sm.prediction = costs, simulate(sm.cap.program, sm.sizes, costs, plan)
-        _to_cache(sm, key, costs, f"{by}; the plan after it ran slower ({took * 1e3:.1f} ms against "
-                  f"{faster * 1e3:.1f}): back to it", plan)
+        _back_to_kept(sm, key, f"ran slower ({took * 1e3:.1f} ms against {sm._kept[1] * 1e3:.1f})")
         return
     pure = sm._pure_costs
     if sm.device.type == "cpu":  # (on CUDA a step's host time is not its kernels': the GPU runs behind the host)
-        for *_, warm in sm._warm:
+        for _, _, warm in sm._warm:
             pure = least_compute(pure, warm)
-    costs = calibrate(sm.cap.program, sm.sizes, pure, sm.plan, took, computed, calls=WARM_CALLS,
+    costs = calibrate(sm.cap.program, sm.sizes, pure, sm.plan, took, fitted.compute_total_s, calls=WARM_CALLS,
                       most_bps=WARM_SPEEDUP_MAX * pure.read_bps)
     by = (f"calls 2 and 3, slowdowns fitted again to call {call} (the plan's, the faster of calls "
-          f"{sm._warm[0][2]} and {sm._warm[-1][2]})")
+          f"{sm._warm[0][1]} and {sm._warm[-1][1]})")
     sm._kept = (sm.plan, took, costs, by)
     # The last round keeps the plan it was fitted to; the one before tries greedy's plan even if predicted
     # a little slower, as the last round measures it against this one (and goes back if it is slower).
@@ -273,10 +271,15 @@ def _stop_refining(sm, key: tuple, why: str) -> None:
     to that one and its costs."""
     sm._learning = "done"
     if sm._refines == 1 and sm._kept is not None and sm._kept[0] != sm.plan:
-        plan, _, costs, by = sm._kept
-        sm._restart(sm.cap, lambda: plan)
-        sm.costs, sm.prediction = costs, simulate(sm.cap.program, sm.sizes, costs, plan)
-        _to_cache(sm, key, costs, f"{by}; the plan after it was not measured ({why}): back to it", plan)
+        _back_to_kept(sm, key, f"was not measured ({why})")
+
+
+def _back_to_kept(sm, key: tuple, why: str) -> None:
+    """Run the plan of the round before (`sm._kept`) again, with the costs fitted to it, and cache both."""
+    plan, _, costs, by = sm._kept
+    sm._restart(sm.cap, lambda: plan)
+    sm.costs, sm.prediction = costs, simulate(sm.cap.program, sm.sizes, costs, plan)
+    _to_cache(sm, key, costs, f"{by}; the plan after it {why}: back to it", plan)
 
 
 def _read_per_call(sm, costs: CostModel) -> int:

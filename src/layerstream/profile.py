@@ -31,7 +31,11 @@ from .plan.types import Plan
 from .units import Program, TensorRef, Unit
 
 PROFILE_CALLS = 15  # at most: order, check (3), timed, serial, two retries of other shapes, two refits (3 each)
-CACHE_VERSION = 6  # 2: gather and block units (units carry a mode); 3: stream()'s own entries, per-unit read bytes; 4: the read tax a slowdown while reading, and the disk's beside compute; 5: kernel AIO topped up per root and per release, not per step; 6: the plan learning ended on. Bump when the JSON's meaning changes: older files are then measured again
+# Bump CACHE_VERSION when the JSON's meaning changes: older files are then measured again. 2: gather and
+# block units (units carry a mode); 3: stream()'s own entries, per-unit read bytes; 4: the read tax a
+# slowdown while reading, and the disk's beside compute; 5: kernel AIO topped up per root and per
+# release, not per step; 6: the plan learning ended on.
+CACHE_VERSION = 6
 
 
 def _stderr(msg: str) -> None:
@@ -134,9 +138,9 @@ def profile(spec, weights: str | os.PathLike, budget="25%", device="cpu", max_un
             log=_stderr, refresh: bool = False):
     """(program, slot sizes, calibrated CostModel, max_unit) of `spec` streamed from `weights`.
 
-    The first call learns the order, the next two are timed step by step, and the warm calls of the plan
-    then running (greedy's, or the one kept) are fitted again, in up to two rounds (see learn.py). `log` gets a line
-    before and after each call (progress, on stderr by default; None for silence). The
+    The first call learns the order, the next two are timed step by step, and the warm calls of the
+    plan then running (greedy's, or the one kept) are fitted again, in up to two rounds (see learn.py).
+    `log` gets a line before and after each call (progress, on stderr by default; None for silence). The
     stream's own profile cache is used (a model streamed alike before is not timed again) unless
     `refresh`, which times it and writes the cache over.
     """

@@ -121,7 +121,7 @@ class StreamedModel(nn.Module):
         self._overlapped_s = 0.0
         self._pure_costs: CostModel | None = None  # the serial call's (compute and the disk alone), to refit
         self._refines = 0  # rounds left whose plan's warm calls are fitted again (learn.REFINE_ROUNDS)
-        self._warm: list = []  # this round's warm calls so far: (s, compute s, call number, their CostModel)
+        self._warm: list = []  # this round's warm calls so far: (s, call number, their CostModel)
         self._kept = None  # the last refit plan: (plan, its faster warm call s, its costs, how fitted)
         self._timed_read_bytes = 0  # what the timed call's plan read (learn.REFIT_MIN_SHARE)
         self.prediction: Prediction | None = None

@@ -210,11 +210,13 @@ class CpsatModel:
         computes (the pre's), topped up once."""
         x, y = costs.read_slowdown, costs.disk_slowdown
         flight = costs.inflight_bytes / costs.read_bps if costs.inflight_bytes else math.inf
-        if compute_s is not None:
-            return [math.ceil(min(flight, c * (1 + x) / (1 + y)) / self.q) for c in compute_s]
-        may_stream = set(self.streamed_steps)
-        return [math.ceil(min(flight * costs.refills_of(i, i in may_stream), c * (1 + x) / (1 + y)) / self.q)
-                for i, c in enumerate(costs.compute_s)]
+        if compute_s is None:
+            may_stream = set(self.streamed_steps)
+            compute_s = costs.compute_s
+            refills = [costs.refills_of(i, i in may_stream) for i in range(len(compute_s))]
+        else:
+            refills = [1] * len(compute_s)
+        return [math.ceil(min(flight * n, c * (1 + x) / (1 + y)) / self.q) for c, n in zip(compute_s, refills)]
 
     def _ring_terms(self, program: Program, sizes: dict[int, int], costs: CostModel, cap: int):
         """What the ring holds ahead, in read quanta: (per unit `w`, resident `held`, `ring`, `lat`) or None.
