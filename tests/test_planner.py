@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from layerstream.plan import Plan, min_budget, plan_fill
 from layerstream.plan.cost import CostModel, with_read_bytes
+from layerstream.plan import greedy as greedy_module
 from layerstream.plan.greedy import GRID_MAX, GRID_MIN, budget_grid, plan_greedy, plan_greedy_many
 from layerstream.plan.types import make_plan
 from layerstream.plan.simulate import simulate
@@ -84,6 +85,24 @@ def test_greedy_ranks_by_density_not_size():
     assert plan.loads == ((0, 0), (1, 2 * P), (2, 0))
     assert pred.latency_s == 4.5 and pred.stalls_s == (0, 0, 0, 0)
     assert simulate(prog, sizes, costs, plan_fill(prog, sizes, 5 * P)).latency_s == 4.75
+
+
+def test_greedy_keeps_the_one_large_unit_resident_so_the_ring_can_shrink():
+    # u0: 8 pages, 4.0 s of compute (2 pages/s, the sparsest); u1-u3: 2 pages, 0.25 s each (8 pages/s).
+    # The disk reads 8 pages/s (8 pages in 1.0 s, 2 in 0.25 s); budget 12 pages. Rings that are
+    # multiples of the largest unit (8 pages) leave at most two small units resident, so u0 streams and
+    # its 1.0 s read waits for the ring bytes the call's last load holds: 5.75 s at best (so did greedy
+    # before the rings below). With u0, the one unit larger than the rest, resident first, a ring of two
+    # small slots (4 pages) streams u1-u3 at 0, 2, 0: u1 and u2 read during the previous call's tail and
+    # u0's 4.0 s, u3 (issued when u1 is released) during u2's 0.25 s. Pure compute: 4.75 s.
+    prog = program((0, 1, 2, 3), 4)
+    sizes = {0: 8 * P, 1: 2 * P, 2: 2 * P, 3: 2 * P}
+    costs = CostModel((4.0, 0.25, 0.25, 0.25), 0.0, read_bps=8 * P, read_lat_s=0.0)
+    plan, pred = plan_greedy(prog, sizes, costs, 12 * P)
+    assert plan.resident == ((0, 0),)
+    assert plan.ring_offset == 8 * P and plan.ring_bytes == 4 * P
+    assert plan.loads == ((1, 0), (2, 2 * P), (3, 0))
+    assert pred.latency_s == 4.75 and pred.stall_s == 0.0 and pred.peak_bytes == 12 * P
 
 
 def test_greedy_keeps_resident_the_unit_whose_reads_save_more_per_slot_byte():
@@ -220,8 +239,12 @@ def test_greedy_many_budgets_in_one_walk_equals_one_at_a_time():
     assert all(b <= a for a, b in zip(lat, lat[1:]))
 
 
-def test_greedy_is_monotonic_in_budget():
-    # Once a known violation (smallest found by search), now planned monotonically. Steps u0, u2, u1;
+def test_greedy_is_monotonic_in_budget(monkeypatch):
+    # Once a known violation (smallest found by search), now planned monotonically. Planned here without
+    # the rings sized to a smaller unit (test_greedy_keeps_the_one_large_unit_resident...), which find a
+    # faster plan at 6 pages (the end of this test), as greedy planned when the violation was found.
+    monkeypatch.setattr(greedy_module, "SHRINK_LEVELS", 0)
+    # Steps u0, u2, u1;
     # u0 2 pages 0.25 s, u2 1 page 1.0 s, u1 4 pages 0.5 s; the disk reads 8 pages/s (u0 0.25 s, u2
     # 0.125 s, u1 0.5 s); compute 1.75 s.
     #   5 pages: ring 4 (u1 must fit), 1 page of room: u2 resident; u0, u1 stream at offset 0. u1's
@@ -247,6 +270,11 @@ def test_greedy_is_monotonic_in_budget():
     # the plan greedy made at 6 pages before (u0 resident) is the slower one it now avoids
     slow = make_plan(6 * P, [0], [2, 1], sizes, 4 * P, "greedy")
     assert simulate(prog, sizes, costs, slow).latency_s == 2.25
+    # With those rings: u1 (the largest) resident at 6 pages, u0 and u2 through 2 pages at offset 0; u2
+    # issues when u0 is released and stalls its 0.125 s read: 1.875 s.
+    monkeypatch.undo()
+    plan, pred = plan_greedy(prog, sizes, costs, 6 * P)
+    assert plan.resident_ids == {1} and plan.ring_bytes == 2 * P and pred.latency_s == 1.875
 
 
 def test_budget_grid_is_every_page_for_small_models_and_geometric_for_large():

@@ -19,7 +19,7 @@ def plot_frontier(f: Frontier, title: str, path: str) -> None:
     beside = [(m, p.eager_ms) for m, p in zip(mib, f.points) if p.eager_ms is not None]
     if beside:
         ax.plot(*zip(*beside), "x", color="black", ms=4, label="eager, its calls alternating with each point's")
-    ax.plot(mib, [p.bound_ms for p in f.points], ":", color="gray", label="bound: max(compute, reads) + first read")
+    ax.plot(mib, [p.bound_ms for p in f.points], ":", color="gray", label="bound: max(compute, reads)")
     ax.axhline(f.compute_ms, color="green", lw=1, label="all weights resident (compute)")
     ax.axhline(KNEE * f.compute_ms, color="green", lw=0.6, ls="--", label=f"{KNEE:.2f} x compute")
     if f.eager_ms:

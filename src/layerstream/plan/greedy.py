@@ -3,8 +3,10 @@
 A streamed byte costs disk time; it is free when compute around it is long enough to hide it. So the
 units worth keeping resident are the *dense* ones, many bytes read for little compute (ResNet's last stage,
 an LM head), and the ring only needs to be big enough to read ahead across the sparse stretches. For
-a handful of ring sizes (multiples of the largest streamed unit, up to the whole budget), the rest of
-the budget is filled with the densest units first; each candidate is simulated and the fastest wins.
+a handful of ring sizes (multiples of the largest unit, up to the whole budget), the rest of the budget
+is filled with the densest units first; and where a few units are larger than the rest, with those
+resident first beside rings of multiples of a smaller slot. Each candidate is simulated and the fastest
+wins.
 
 Monotone in the budget. Latency is not monotone in the ring size nor in the resident set (a unit kept
 resident moves every later load's ring offset, and a wrap can land on bytes still in use), so the
@@ -28,6 +30,9 @@ from .simulate import Prediction, latency, simulate
 from .types import Plan, check_budget, make_plan, min_budget
 
 RING_MULTIPLES = (1, 1.5, 2, 3, 4, 6, 8, 12, 16, 24, 32)
+SHRINK_LEVELS = 3  # slot sizes below the largest at which greedy also plans with every larger unit resident
+SHRINK_MULTIPLES = 3  # the first RING_MULTIPLES, of that size, as those plans' rings
+SHRINK_UNITS = 8  # at most this many units larger than the size (more: their bytes are the ring's to spend)
 PAGE = 4096  # slot sizes are whole pages, so budgets finer than a page plan alike
 GRID_MAX = 128  # grid budgets at most (every page when the model spans fewer pages above its minimum)
 GRID_MIN = 8  # grid budgets at least, however long the program
@@ -49,6 +54,10 @@ def _density(program: Program, sizes: dict[int, int], costs: CostModel) -> dict[
         comp[u] = comp.get(u, 0.0) + costs.compute_s[i]
         loads[u] = loads.get(u, 0) + 1
     return {u: costs.unit_read_bytes(u, sizes[u]) * loads[u] / max(comp[u], 1e-6) for u in comp}
+
+
+def _paged(ring: int) -> int:
+    return ring - ring % PAGE
 
 
 def _build(program: Program, sizes: dict[int, int], budget: int, ring: int, order: list[int],
@@ -96,6 +105,20 @@ def _candidates(program: Program, sizes: dict[int, int], budget: int, order: lis
         plan = _build(program, sizes, budget, ring - ring % PAGE, order, pinned)
         if plan is not None:
             yield plan
+    # A ring need only hold the largest unit streamed: where a few units are larger than the rest,
+    # keeping them resident (densest or not) lets a smaller ring leave room for more. Per slot size below
+    # the largest (the next few), every larger unit resident first, then the densest, beside rings of a
+    # few multiples of that size.
+    levels = sorted({sizes[u] for u in order}, reverse=True)
+    for level in levels[1:1 + SHRINK_LEVELS]:
+        larger = [u for u in order if sizes[u] > level]
+        if len(larger) > SHRINK_UNITS:
+            break
+        first = larger + [u for u in order if sizes[u] <= level]
+        for m in RING_MULTIPLES[:SHRINK_MULTIPLES]:
+            plan = _build(program, sizes, budget, _paged(min(free, int(m * level))), first, pinned)
+            if plan is not None:
+                yield plan
 
 
 def _chain(program: Program, sizes: dict[int, int], base: Plan, order: list[int], room: int, most: int) -> list[Plan]:

@@ -20,7 +20,9 @@ class Point:
     budget_bytes: int
     arena_bytes: int
     predicted_ms: float
-    bound_ms: float  # max(compute, streamed bytes / read speed) + the first load's read
+    # A warm call's physical bound: max(compute, streamed bytes / read speed). Not plus the first load's
+    # read, as a cold call's is: in steady state it reads during the call before (as `bench` bounds warm runs).
+    bound_ms: float
     streamed_bytes: int  # read from the file per call (int8 and gather units read less than their slots)
     planner: str
     measured_ms: float | None = None
@@ -52,8 +54,7 @@ def sweep(program: Program, sizes: dict[int, int], costs: CostModel, steps: int 
 
     def point(b: int, plan, pred) -> Point:
         streamed = sum(costs.unit_read_bytes(u, sizes[u]) for u, _ in plan.loads)
-        first = costs.load_s(plan.loads[0][0], sizes[plan.loads[0][0]]) if plan.loads else 0.0
-        bound = max(compute_s, streamed / costs.read_bps) + first
+        bound = max(compute_s, streamed / costs.read_bps)
         return Point(b, plan.arena_bytes, pred.latency_s * 1e3, bound * 1e3, streamed, plan.planner)
 
     # One walk up greedy's budget grid answers every budget (greedy is monotone in the budget, so the
