@@ -242,29 +242,6 @@ def test_tradeoff_measure_runs_every_point_and_eager_in_fresh_processes(tmp_path
     table = capsys.readouterr().out
     d = json.loads(out_json.read_text())
     assert d["eager_ms"] > 0 and all(p["measured_ms"] > 0 and p["eager_ms"] > 0 for p in d["points"])
-    assert "eager measured" in table and "knee (predicted <= 1.05x eager)" in table
-    # The knee is within KNEE x the eager latency measured; the whole model is predicted at the profile's
-    # compute (timed while streaming: on a model this small the hooks' cost is a share of it), so there is
-    # a knee exactly when that compute is within KNEE x eager.
-    assert d["reference_ms"] == d["eager_ms"]
-    assert (d["knee_bytes"] is not None) == (d["points"][-1]["predicted_ms"] <= KNEE * d["eager_ms"])
-    if d["knee_bytes"]:
-        assert "(knee)" in table and "x eager (calls alternating" in table
-    else:
-        assert "none (the profile's compute, timed while streaming, is" in table
-
-
-def test_the_knee_is_within_1_05x_eager_when_eager_is_measured():
-    program, sizes, costs = _program()
-    own = sweep(program, sizes, costs, steps=6)
-    assert own.reference_ms == own.compute_ms and own.eager_ms is None
-    # The frontier steps from 84.6 ms (73,606 bytes) to pure compute, 62.0 ms (75,669): eager measured at
-    # 81 ms puts the line at 85.05 ms, so the knee is found below 73,606 bytes, not at 75,669.
-    eager = 81.0
-    f = sweep(program, sizes, costs, steps=6, eager_ms=eager)
-    assert f.reference_ms == eager and f.knee_bytes <= 73_606 < own.knee_bytes
-    knee = next(p for p in f.points if p.budget_bytes == f.knee_bytes)
-    assert knee.predicted_ms <= KNEE * eager
-    assert all(p.predicted_ms > KNEE * eager for p in f.points if p.budget_bytes < f.knee_bytes)
-    # Eager 6% under the profile's compute: not even every weight resident is predicted within 1.05x eager
-    assert sweep(program, sizes, costs, steps=6, eager_ms=own.compute_ms / 1.06).knee_bytes is None
+    assert "eager measured" in table and "alternating" in table
+    assert d["knee_bytes"]  # the whole model is always within KNEE x compute: there is always a knee
+    assert "(knee)" in table and "x eager" in table

@@ -103,7 +103,7 @@ def cmd_tradeoff(a) -> int:
 
     from .budget import fmt_bytes
     from .models import resolve, weights_for
-    from .plan.tradeoff import KNEE, sweep
+    from .plan.tradeoff import sweep
     from .profile import load_or_profile
 
     spec = resolve(a.model)
@@ -112,9 +112,8 @@ def cmd_tradeoff(a) -> int:
     if cached:
         _log(f"profile of {a.model} from {path} (--refresh to measure again)")
     program, sizes, costs, max_unit = prof.program, prof.sizes, prof.costs, prof.max_unit
-    if not a.measure:
-        frontier = sweep(program, sizes, costs, a.steps)
-    else:
+    frontier = sweep(program, sizes, costs, a.steps)
+    if a.measure:
         from dataclasses import replace
 
         from .bench import spawn
@@ -128,7 +127,6 @@ def cmd_tradeoff(a) -> int:
             except RuntimeError as e:  # e.g. a model larger than memory: the frontier is still measured
                 _log(f"eager could not run here, so no measured eager line: {str(e).splitlines()[0]}")
                 eager_ms = None
-            frontier = sweep(program, sizes, costs, a.steps, eager_ms=eager_ms)  # the knee within 1.05x eager
             for i, p in enumerate(frontier.points):
                 _log(f"[{i + 1}/{len(frontier.points)}] measuring at {fmt_bytes(p.budget_bytes)} ...")
                 cfg = {"system": "layerstream", "budget": p.budget_bytes, "model": a.model, "weights": str(weights),
@@ -141,15 +139,12 @@ def cmd_tradeoff(a) -> int:
                     _log(f"  with eager beside it the run failed ({str(e).splitlines()[-1][:200]}): measured alone")
                     r = spawn(cfg)
                 points.append(replace(p, measured_ms=r["latency_ms"], eager_ms=r.get("eager_beside_ms")))
-        frontier = replace(frontier, points=tuple(points))
+        frontier = replace(frontier, points=tuple(points), eager_ms=eager_ms)
     knee = next((p for p in frontier.points if p.budget_bytes == frontier.knee_bytes), None)
     print(f"\n{a.model}: compute {frontier.compute_ms:.1f} ms with every weight resident"
           + (f" (eager measured {frontier.eager_ms:.1f} ms)" if frontier.eager_ms else "")
-          + f"; read speed {frontier.read_bps / 1e9:.2f} GB/s (calibrated); knee (predicted <= {KNEE:.2f}x "
-          + ("eager" if frontier.eager_ms else "compute") + "): "
-          + (fmt_bytes(knee.budget_bytes) if knee else "none" + (
-              f" (the profile's compute, timed while streaming, is {frontier.compute_ms / frontier.eager_ms:.2f}x "
-              "eager: even every weight resident is predicted above the line)" if frontier.eager_ms else ""))
+          + f"; read speed {frontier.read_bps / 1e9:.2f} GB/s (calibrated); knee (predicted <= 1.05x compute): "
+          + (fmt_bytes(knee.budget_bytes) if knee else "none")
           + (f", measured {knee.measured_ms / knee.eager_ms:.2f}x eager (calls alternating in one run)"
              if knee and knee.measured_ms and knee.eager_ms else "") + "\n")
     print("| budget | share | predicted ms | measured ms | eager beside ms | bound ms | read per call | planner |\n"

@@ -35,32 +35,22 @@ class Frontier:
     compute_ms: float  # every weight resident: the latency to approach
     weight_bytes: int  # slot bytes of every unit a call uses
     read_bps: float
-    knee_bytes: int | None  # smallest budget predicted within KNEE x the reference (a point of its own)
+    knee_bytes: int | None  # smallest budget predicted within KNEE x compute (a point of its own)
     eager_ms: float | None = None  # measured: every weight loaded, warm (`tradeoff --measure`)
-    # What the knee is within KNEE of: the measured eager latency when given (`sweep(eager_ms=...)`), else
-    # the profile's compute (every weight resident, as the cost model has it).
-    reference_ms: float | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
-def sweep(program: Program, sizes: dict[int, int], costs: CostModel, steps: int = 16,
-          eager_ms: float | None = None) -> Frontier:
+def sweep(program: Program, sizes: dict[int, int], costs: CostModel, steps: int = 16) -> Frontier:
     """Plan at `steps` budgets spaced evenly (in log scale) from the minimum to the whole model, plus
-    the knee: the smallest budget predicted within KNEE x eager, found by bisection between them.
-
-    Eager is `eager_ms` when measured, else the profile's compute. The profile's compute is timed
-    while the model streams (after waits, beside reads) and can sit a few percent above eager; a knee
-    within KNEE of it would then be more than KNEE over eager. With `eager_ms`, no knee when even the
-    whole model's prediction is not within KNEE x eager (a profile measured in a slow moment)."""
+    the knee: the smallest budget predicted within KNEE x compute, found by bisection between them."""
     lo, _ = min_budget(program, sizes)
     used = set(program.steps) | {u.uid for u in program.units if u.pinned}
     hi_bytes = sum(sizes[u] for u in used)
     budgets = sorted({int(lo * (hi_bytes / lo) ** (i / (steps - 1))) for i in range(steps)} | {lo, hi_bytes})
     compute_s = costs.compute_total_s
-    reference_s = eager_ms / 1e3 if eager_ms else compute_s
-    within = KNEE * reference_s
+    within = KNEE * compute_s
 
     def point(b: int, plan, pred) -> Point:
         streamed = sum(costs.unit_read_bytes(u, sizes[u]) for u, _ in plan.loads)
@@ -83,4 +73,4 @@ def sweep(program: Program, sizes: dict[int, int], costs: CostModel, steps: int 
         if best is not None:
             points.insert(k, best)
     knee = points[k].budget_bytes if k is not None else None
-    return Frontier(tuple(points), compute_s * 1e3, hi_bytes, costs.read_bps, knee, eager_ms, reference_s * 1e3)
+    return Frontier(tuple(points), compute_s * 1e3, hi_bytes, costs.read_bps, knee)
