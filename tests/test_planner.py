@@ -91,8 +91,8 @@ def test_greedy_keeps_the_one_large_unit_resident_so_the_ring_can_shrink():
     # u0: 8 pages, 4.0 s of compute (2 pages/s, the sparsest); u1-u3: 2 pages, 0.25 s each (8 pages/s).
     # The disk reads 8 pages/s (8 pages in 1.0 s, 2 in 0.25 s); budget 12 pages. Rings that are
     # multiples of the largest unit (8 pages) leave at most two small units resident, so u0 streams and
-    # its 1.0 s read waits for the ring bytes the call's last load holds: 5.75 s at best (so did greedy
-    # before the rings below). With u0, the one unit larger than the rest, resident first, a ring of two
+    # its 1.0 s read waits for the ring bytes the call's last load holds: 5.75 s at best (greedy's answer
+    # without the rings that follow). With u0, the one unit larger than the rest, resident first, a ring of two
     # small slots (4 pages) streams u1-u3 at 0, 2, 0: u1 and u2 read during the previous call's tail and
     # u0's 4.0 s, u3 (issued when u1 is released) during u2's 0.25 s. Pure compute: 4.75 s.
     prog = program((0, 1, 2, 3), 4)
@@ -220,7 +220,9 @@ def test_greedy_never_predicts_worse_for_a_larger_budget(case, extra):
     prog, sizes, costs, budget = case
     larger = budget + extra % (used_bytes(prog, sizes) - min_budget(prog, sizes)[0] + 2 * P)
     small, large = (plan_greedy(prog, sizes, costs, b) for b in (budget, larger))
-    assert large[1].latency_s <= small[1].latency_s, (budget, larger)
+    # (up to float rounding: a budget that holds every unit keeps them all resident when as fast within
+    # 1e-9, where a plan with reads summed the same computes in other pieces)
+    assert large[1].latency_s <= small[1].latency_s * (1 + 1e-9), (budget, larger)
     assert large[0].arena_bytes <= larger and large[0].budget_bytes == larger
 
 
@@ -244,9 +246,8 @@ def test_greedy_is_monotonic_in_budget(monkeypatch):
     # the rings sized to a smaller unit (test_greedy_keeps_the_one_large_unit_resident...), which find a
     # faster plan at 6 pages (the end of this test), as greedy planned when the violation was found.
     monkeypatch.setattr(greedy_module, "SHRINK_LEVELS", 0)
-    # Steps u0, u2, u1;
-    # u0 2 pages 0.25 s, u2 1 page 1.0 s, u1 4 pages 0.5 s; the disk reads 8 pages/s (u0 0.25 s, u2
-    # 0.125 s, u1 0.5 s); compute 1.75 s.
+    # Steps u0, u2, u1; u0 2 pages 0.25 s, u2 1 page 1.0 s, u1 4 pages 0.5 s; the disk reads 8 pages/s
+    # (u0 0.25 s, u2 0.125 s, u1 0.5 s); compute 1.75 s.
     #   5 pages: ring 4 (u1 must fit), 1 page of room: u2 resident; u0, u1 stream at offset 0. u1's
     #       read issues when u0 is released and hides behind u2's 1.0 s; the next call's u0 issues when
     #       u1 is released at the call's end: stall 0.25 -> 2.0 s.
