@@ -19,7 +19,7 @@ def program(steps, n: int, pinned=()) -> Program:
 
 
 # test_cpsat's first golden: filling by density keeps the dense u0 resident (3.75 s), the best plan keeps
-# u1 (3.625 s; greedy finds it too, with u1, the largest unit, resident first: test_planner.py)
+# u1 (3.625 s; greedy finds it too, with u1, the largest unit, resident first: that test's end)
 PROG = program((1, 2, 0), 3)
 SIZES = {0: P, 1: 4 * P, 2: 2 * P}
 COSTS = CostModel((2.0, 1.0, 0.5), 0.0, read_bps=8 * P, read_lat_s=0.0)
@@ -27,26 +27,26 @@ COSTS = CostModel((2.0, 1.0, 0.5), 0.0, read_bps=8 * P, read_lat_s=0.0)
 
 def dense_first():
     """The density-filled plan (u0 resident, u1 and u2 through a 4-page ring) and its latency."""
-    plan = make_plan(6 * P, [0], [1, 2], SIZES, 4 * P, "greedy")
+    plan = make_plan(6 * P, [0], [1, 2], SIZES, 4 * P, "fill")
     return plan, latency(PROG, SIZES, COSTS, plan)
 
 
-def test_polish_swaps_greedys_dense_unit_for_the_big_sparse_one():
-    greedy, lat = dense_first()
+def test_polish_swaps_the_dense_unit_for_the_big_sparse_one():
+    dense, lat = dense_first()
     assert lat == 3.75
-    plan, lat = polish(PROG, SIZES, COSTS, 6 * P, greedy, lat, time.perf_counter() + 0.5)
+    plan, lat = polish(PROG, SIZES, COSTS, 6 * P, dense, lat, time.perf_counter() + 0.5)
     assert plan.resident_ids == {1} and plan.ring_bytes == 2 * P and plan.arena_bytes <= 6 * P
     assert lat == 3.625 == latency(PROG, SIZES, COSTS, plan)
 
 
 def test_polish_keeps_the_best_plan_and_stops_at_its_deadline(monkeypatch):
     from layerstream.plan import polish as polish_module
-    greedy, start = dense_first()
-    best, lat = polish(PROG, SIZES, COSTS, 6 * P, greedy, start, time.perf_counter() + 0.3)
+    dense, start = dense_first()
+    best, lat = polish(PROG, SIZES, COSTS, 6 * P, dense, start, time.perf_counter() + 0.3)
     again, lat2 = polish(PROG, SIZES, COSTS, 6 * P, best, lat, time.perf_counter() + 0.3)
     assert again is best and lat2 == lat  # nothing faster near the best: it comes back as it went in
-    gone, _ = polish(PROG, SIZES, COSTS, 6 * P, greedy, start, time.perf_counter() - 1)
-    assert gone is greedy  # a deadline already passed: not one move
+    gone, _ = polish(PROG, SIZES, COSTS, 6 * P, dense, start, time.perf_counter() - 1)
+    assert gone is dense  # a deadline already passed: not one move
     # 40 units, and restarts that never give up: only the deadline ends the search
     monkeypatch.setattr(polish_module, "STALE_KICKS", 10**9)
     prog = program(tuple(range(40)), 40)

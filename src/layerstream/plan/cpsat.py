@@ -3,8 +3,8 @@
 The model and what its bound means: cpsat_model.py. Two of them are solved: the search's (coarse
 quanta, without the disk's work followed step by step: CP-SAT finds better plans in it within the
 time limit) from greedy's plan, then the prover's (fine quanta, with it: a tighter bound) for what
-the search left of the time limit but its last `POLISH_SHARE` (so at least `BOUND_SHARE` of it). The
-higher of their bounds is reported.
+the search left of the time limit but its last `POLISH_SHARE` (about `BOUND_SHARE` of it, less the
+prover's build). The higher of their bounds is reported.
 
 The runtime carries out a resident set and a ring of loads at fixed offsets, not a schedule, so the
 solver's resident set is turned into plans with a few ring sizes (the peak its schedule uses, the
@@ -32,7 +32,7 @@ from .types import Plan, check_budget, make_plan
 
 DEFAULT_TIME_LIMIT_S = 10.0
 WARM_SHARE = 0.2  # of the search's time at most, to turn greedy's plan into its first solution
-# Of the time limit (less greedy and the first model's build), at least, for the bound. The search finds
+# Of the time limit (less greedy and the first model's build), about, for the bound. The search finds
 # its best sets early and the polish improves on them, while the bound keeps rising for several seconds:
 # at 0.3 the bound was the gap's larger part (GPT-2-large's at 25% 2.7% below the plan, against 0.5% at
 # 0.65, the plans no slower: RESULTS.md, plan quality).

@@ -16,7 +16,8 @@ pages, else geometric from the minimum to the whole model, as fine as the progra
 and returns the best candidate of every grid budget up to the one asked: the candidates at a larger
 budget include those at a smaller one, so its predicted latency can never be worse. The price is that
 the budget between the grid point below and the one asked is left unused (at most one grid step:
-`budget_grid`). About a dozen simulations per grid point, so milliseconds per point for hundreds of units.
+`budget_grid`). About a dozen simulations per grid point (up to 21 with a few large units), so
+milliseconds per point for hundreds of units.
 """
 from __future__ import annotations
 
@@ -37,7 +38,9 @@ PAGE = 4096  # slot sizes are whole pages, so budgets finer than a page plan ali
 GRID_MAX = 128  # grid budgets at most (every page when the model spans fewer pages above its minimum)
 GRID_MIN = 8  # grid budgets at least, however long the program
 CHAIN_PLANS = 6  # plans per chain: the budget between two grid points used in this many steps
-SIMS_PER_POINT = 11  # distinct plans simulated per grid point, about (candidates less repeats, plus a chain)
+# Distinct plans simulated per grid point, about (candidates less repeats, plus a chain); up to 9 more
+# where a few units are larger than the rest (the rings with those resident), which the grid leaves out.
+SIMS_PER_POINT = 11
 GRID_STEP_SIMS = 150_000  # steps simulated (3 calls each) walking the whole grid: sets how fine it is
 
 
@@ -96,13 +99,14 @@ def budget_grid(program: Program, sizes: dict[int, int]) -> tuple[int, ...]:
 
 def _candidates(program: Program, sizes: dict[int, int], budget: int, order: list[int],
                 pinned: list[int], largest: int) -> Iterator[Plan]:
-    """The plans greedy tries at one budget: the fill baseline, then one per ring size."""
-    # The baseline is a candidate too: greedy must never lose to the plan it replaces (its rings are
-    # multiples of the largest unit, so near the whole model's bytes only fill keeps all but a few resident).
+    """The plans greedy tries at one budget: the fill baseline, one per ring size (multiples of the largest
+    unit), and where a few units are larger than the rest, those resident beside rings of a smaller slot."""
+    # The baseline is a candidate too: greedy must never lose to the plan it replaces (the rings below are
+    # multiples of a unit, so near the whole model's bytes only fill keeps all but a few resident).
     yield plan_fill(program, sizes, budget)
     free = budget - sum(sizes[u] for u in pinned)
     for ring in sorted({min(free, int(m * largest)) for m in RING_MULTIPLES} | {free}):
-        plan = _build(program, sizes, budget, ring - ring % PAGE, order, pinned)
+        plan = _build(program, sizes, budget, _paged(ring), order, pinned)
         if plan is not None:
             yield plan
     # A ring need only hold the largest unit streamed: where a few units are larger than the rest,
