@@ -30,7 +30,7 @@ def test_cost_model_round_trips_through_json(compute, pre, bps, lat, reads):
     assert all(isinstance(x, tuple) for x in back.read_bytes)
     assert back.read_s(4096) == costs.read_s(4096) and back.compute_total_s == costs.compute_total_s
     for u, n in reads.items():
-        assert back.unit_read_bytes(u, 4096) == n and back.load_s(u, 4096) == costs.read_s(n)
+        assert back.unit_read_bytes(u, 4096) == n and back.read_s(back.unit_read_bytes(u, 4096)) == costs.read_s(n)
     assert back.unit_read_bytes(10**4 + 1, 4096) == 4096  # not listed: reads its slot
 
 

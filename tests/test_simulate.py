@@ -109,7 +109,8 @@ def test_a_load_is_timed_by_the_bytes_it_reads_and_holds_its_slot():
     sizes = {0: P, 1: 10 * P, 2: P}
     by_slot = CostModel((0.5, 1.0, 0.5), 0.25, read_bps=8 * P, read_lat_s=0.5)
     costs = with_read_bytes(by_slot, sizes, {1: 4 * P})
-    assert costs.read_bytes == ((1, 4 * P),) and costs.load_s(1, 10 * P) == 1.0 and costs.load_s(0, P) == 0.625
+    assert costs.read_bytes == ((1, 4 * P),)
+    assert costs.read_s(costs.unit_read_bytes(1, 10 * P)) == 1.0 and costs.read_s(costs.unit_read_bytes(0, P)) == 0.625
     plan = Plan(12 * P, ((0, 0), (2, P)), 2 * P, 10 * P, ((1, 0),))
     warm = simulate(prog, sizes, costs, plan)
     assert (warm.latency_s, warm.stall_s, warm.stalls_s, warm.peak_bytes) == (2.25, 0.0, (0, 0, 0), 12 * P)

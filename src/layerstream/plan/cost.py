@@ -64,10 +64,6 @@ class CostModel:
         """Bytes one load of unit `uid` reads from the file: its slot's `slot_nbytes` unless listed."""
         return self._read_of.get(uid, slot_nbytes)
 
-    def load_s(self, uid: int, slot_nbytes: int) -> float:
-        """How long the disk takes to read one load of unit `uid` (slot `slot_nbytes`)."""
-        return self.read_s(self._read_of.get(uid, slot_nbytes))
-
     def read_sizes(self, sizes: Mapping[int, int]) -> dict[int, int]:
         """Unit id -> bytes one load reads, for every unit of `sizes` (unit id -> slot bytes)."""
         return {u: self._read_of.get(u, s) for u, s in sizes.items()}

@@ -33,7 +33,7 @@ from .types import Plan, check_budget, make_plan, min_budget
 RING_MULTIPLES = (1, 1.5, 2, 3, 4, 6, 8, 12, 16, 24, 32)
 SHRINK_LEVELS = 3  # slot sizes below the largest at which greedy also plans with every larger unit resident
 SHRINK_MULTIPLES = 3  # the first RING_MULTIPLES, of that size, as those plans' rings
-SHRINK_UNITS = 8  # at most this many units larger than the size (more: their bytes are the ring's to spend)
+SHRINK_UNITS = 8  # at most this many units larger than the size; more, and those rings are not tried (cost)
 PAGE = 4096  # slot sizes are whole pages, so budgets finer than a page plan alike
 GRID_MAX = 128  # grid budgets at most (every page when the model spans fewer pages above its minimum)
 GRID_MIN = 8  # grid budgets at least, however long the program
