@@ -293,26 +293,30 @@ def test_a_re_plans_warm_call_is_fitted_again_and_kept(saved, monkeypatch):
         assert again.costs == sm.costs and again.learning == "check" and again.plan == sm.plan  # the plan kept
 
 
-def _greedy_a_then_b(monkeypatch) -> list:
+def _greedy_a_then_b(monkeypatch, b_over_a: float | None = None) -> tuple[list, list]:
     """Force greedy's answers: every unit streamed through the smallest ring (A), then through a larger
-    ring (B), each said to be faster than anything. Returns the list of the costs greedy was asked with."""
+    ring (B), each said to be faster than anything, or B said `b_over_a` x A's simulated latency.
+    Returns the lists of the costs greedy was asked with and of the plans it answered."""
     from dataclasses import replace
 
     from layerstream import learn
     from layerstream.plan.simulate import simulate
     from layerstream.plan.types import make_plan
-    asked = []
+    asked, plans = [], []
 
     def greedy(program, sizes, costs, budget):
         asked.append(costs)
         loads = list(program.steps)
         largest = max(sizes[u] for u in loads)
-        ring = largest if len(asked) == 1 else min(budget, sum(sizes[u] for u in set(loads))) // 4096 * 4096
-        plan = make_plan(budget, [], loads, sizes, max(ring, largest), "greedy")
-        return plan, replace(simulate(program, sizes, costs, plan), latency_s=0.0)
+        ring = largest if not plans else min(budget, sum(sizes[u] for u in set(loads))) // 4096 * 4096
+        plans.append(make_plan(budget, [], loads, sizes, max(ring, largest), "greedy"))
+        said = 0.0
+        if b_over_a is not None and plans[1:]:
+            said = b_over_a * simulate(program, sizes, costs, plans[0]).latency_s
+        return plans[-1], replace(simulate(program, sizes, costs, plans[-1]), latency_s=said)
 
     monkeypatch.setattr(learn, "plan_greedy", greedy)
-    return asked
+    return asked, plans
 
 
 def test_the_last_refit_goes_back_to_a_re_plan_that_ran_faster(saved, monkeypatch):
@@ -321,7 +325,7 @@ def test_the_last_refit_goes_back_to_a_re_plan_that_ran_faster(saved, monkeypatc
     # A's warm calls ran faster (here made so), the model goes back to A with the costs fitted to A.
     from layerstream.plan.simulate import simulate
     s = saved("tiny-gpt2")
-    asked = _greedy_a_then_b(monkeypatch)
+    asked, _ = _greedy_a_then_b(monkeypatch)
     with ls.stream(s.model(), s.path, budget=budget(s), max_unit=UNIT) as sm:
         for _ in range(6):  # order, timed, serial; A: settle and two warm calls, refit; B chosen
             s.check(sm(*s.inputs))
@@ -366,24 +370,9 @@ def test_the_first_refit_tries_greedys_other_plan_even_if_predicted_a_little_slo
     # re-plan against the plan before it, so after the first refit greedy's plan is tried when it differs
     # and is predicted at most EXPLORE_SLACK slower. Greedy's answers are forced: A (every unit streamed
     # through the smallest ring), said faster, then B (a larger ring), said `slower` x A.
-    from dataclasses import replace
-
     from layerstream import learn
-    from layerstream.plan.simulate import simulate
-    from layerstream.plan.types import make_plan
     s = saved("tiny-gpt2")
-    plans = []
-
-    def greedy(program, sizes, costs, budget):
-        loads = list(program.steps)
-        largest = max(sizes[u] for u in loads)
-        ring = largest if not plans else min(budget, sum(sizes[u] for u in set(loads))) // 4096 * 4096
-        plans.append(make_plan(budget, [], loads, sizes, max(ring, largest), "greedy"))
-        a = simulate(program, sizes, costs, plans[0]).latency_s
-        said = a * slower if plans[1:] else 0.0
-        return plans[-1], replace(simulate(program, sizes, costs, plans[-1]), latency_s=said)
-
-    monkeypatch.setattr(learn, "plan_greedy", greedy)
+    _, plans = _greedy_a_then_b(monkeypatch, b_over_a=slower)
     assert learn.EXPLORE_SLACK == 0.1
     with ls.stream(s.model(), s.path, budget=budget(s), max_unit=UNIT) as sm:
         for _ in range(6):  # order, timed, serial; A: settle and two warm calls, refit, greedy asked again

@@ -277,9 +277,15 @@ def _stop_refining(sm, key: tuple, why: str) -> None:
 def _back_to_kept(sm, key: tuple, why: str) -> None:
     """Run the plan of the round before (`sm._kept`) again, with the costs fitted to it, and cache both."""
     plan, _, costs, by = sm._kept
-    sm._restart(sm.cap, lambda: plan)
-    sm.costs, sm.prediction = costs, simulate(sm.cap.program, sm.sizes, costs, plan)
+    _run_plan(sm, plan, costs)
     _to_cache(sm, key, costs, f"{by}; the plan after it {why}: back to it", plan)
+
+
+def _run_plan(sm, plan, costs: CostModel) -> None:
+    """Run `plan` from the next call (restarting unless it runs already), predicted with `costs`."""
+    if plan != sm.plan:
+        sm._restart(sm.cap, lambda: plan)
+    sm.costs, sm.prediction = costs, simulate(sm.cap.program, sm.sizes, costs, plan)
 
 
 def _read_per_call(sm, costs: CostModel) -> int:
@@ -329,10 +335,7 @@ def _from_cache(sm, key: tuple) -> bool:
         if prof.plan is None or hasattr(sm, "session_name"):
             adopt(sm, prof.costs)
         else:  # the plan learning ended on (greedy's plan from these costs may be one it measured and left)
-            sm.costs = prof.costs
-            if prof.plan != sm.plan:
-                sm._restart(sm.cap, lambda: prof.plan)
-            sm.prediction = simulate(sm.cap.program, sm.sizes, prof.costs, prof.plan)
+            _run_plan(sm, prof.plan, prof.costs)
     except Exception as e:  # no cache directory, an entry that does not plan: learn as if the cache were off
         sm.costs = sm.prediction = None
         sm.profile_note = f"profile cache not used ({type(e).__name__}: {e})"
