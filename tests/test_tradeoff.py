@@ -9,7 +9,7 @@ import pytest
 from layerstream import cli
 from layerstream.plan.cost import CostModel, with_read_bytes
 from layerstream.plan.greedy import plan_greedy, plan_greedy_many
-from layerstream.plan.tradeoff import KNEE, sweep
+from layerstream.plan.tradeoff import KNEE, sweep, with_knee
 from layerstream.plan.types import min_budget
 from layerstream.units import Program, Unit
 
@@ -245,3 +245,23 @@ def test_tradeoff_measure_runs_every_point_and_eager_in_fresh_processes(tmp_path
     assert "eager measured" in table and "alternating" in table
     assert d["knee_bytes"]  # the whole model is always within KNEE x compute: there is always a knee
     assert "(knee)" in table and "x eager" in table
+
+
+def test_with_knee_puts_the_knee_found_by_other_costs_among_the_profiles_points():
+    """The knee from costs fitted elsewhere (here: compute twice as slow while the disk reads, so it sits
+    higher: at the whole model) replaces the point of its budget and is the knee; every other point is
+    the profile's, in budget order."""
+    program, sizes, costs = _program()
+    frontier = sweep(program, sizes, costs, steps=6)
+    found = sweep(program, sizes, replace(costs, read_slowdown=1.0), steps=6)
+    assert frontier.knee_bytes < found.knee_bytes == frontier.points[-1].budget_bytes
+    merged = with_knee(frontier, found, fitted_at=frontier.knee_bytes)
+    knee = next(p for p in merged.points if p.budget_bytes == merged.knee_bytes)
+    assert merged.knee_bytes == found.knee_bytes and knee.fitted_at == frontier.knee_bytes
+    assert knee == replace(next(p for p in found.points if p.budget_bytes == found.knee_bytes),
+                           fitted_at=frontier.knee_bytes)
+    others = [p for p in merged.points if p is not knee]
+    assert others == [p for p in frontier.points if p.budget_bytes != knee.budget_bytes]
+    assert [p.budget_bytes for p in merged.points] == [p.budget_bytes for p in frontier.points]
+    assert merged.compute_ms == frontier.compute_ms and merged.knee_compute_ms == found.compute_ms
+    assert with_knee(frontier, replace(found, knee_bytes=None), 1) == frontier

@@ -113,6 +113,9 @@ def cmd_tradeoff(a) -> int:
         _log(f"profile of {a.model} from {path} (--refresh to measure again)")
     program, sizes, costs, max_unit = prof.program, prof.sizes, prof.costs, prof.max_unit
     frontier = sweep(program, sizes, costs, a.steps)
+    if not a.no_knee_fit:
+        from .knee import calibrate_knee
+        frontier = calibrate_knee(spec, weights, prof, frontier, a.device, a.steps, a.refresh, _log)
     if a.measure:
         from dataclasses import replace
 
@@ -143,7 +146,8 @@ def cmd_tradeoff(a) -> int:
     knee = next((p for p in frontier.points if p.budget_bytes == frontier.knee_bytes), None)
     print(f"\n{a.model}: compute {frontier.compute_ms:.1f} ms with every weight resident"
           + (f" (eager measured {frontier.eager_ms:.1f} ms)" if frontier.eager_ms else "")
-          + f"; read speed {frontier.read_bps / 1e9:.2f} GB/s (calibrated); knee (predicted <= 1.05x compute): "
+          + f"; read speed {frontier.read_bps / 1e9:.2f} GB/s (calibrated); knee (predicted <= 1.05x compute"
+          + (f" by costs fitted to calls at {fmt_bytes(knee.fitted_at)}" if knee and knee.fitted_at else "") + "): "
           + (fmt_bytes(knee.budget_bytes) if knee else "none")
           + (f", measured {knee.measured_ms / knee.eager_ms:.2f}x eager (calls alternating in one run)"
              if knee and knee.measured_ms and knee.eager_ms else "") + "\n")
@@ -153,7 +157,8 @@ def cmd_tradeoff(a) -> int:
         print(f"| {fmt_bytes(p.budget_bytes)}{' (knee)' if p is knee else ''} | {p.budget_bytes / frontier.weight_bytes:.0%} | "
               f"{p.predicted_ms:.1f} | " + (f"{p.measured_ms:.1f}" if p.measured_ms is not None else "–")
               + " | " + (f"{p.eager_ms:.1f}" if p.eager_ms is not None else "–")
-              + f" | {p.bound_ms:.1f} | {fmt_bytes(p.streamed_bytes)} | {p.planner} |")
+              + f" | {p.bound_ms:.1f} | {fmt_bytes(p.streamed_bytes)} | {p.planner}"
+              + (f" (costs fitted at {fmt_bytes(p.fitted_at)})" if p.fitted_at else "") + " |")
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"model": a.model, "device": a.device, **frontier.as_dict()}, f, indent=1)
@@ -313,6 +318,8 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--json", help="write the frontier as JSON")
     q.add_argument("--png", help="draw the frontier to this PNG")
     q.add_argument("--refresh", action="store_true", help="measure the profile again even if one is cached")
+    q.add_argument("--no-knee-fit", action="store_true", help="find the knee with the profile's costs only "
+                   "(by default a stream at the knee fits them there, and the knee is found again: knee.py)")
     q.set_defaults(fn=cmd_tradeoff)
 
     def size(text: str) -> int:

@@ -21,7 +21,8 @@ def plot_frontier(f: Frontier, title: str, path: str) -> None:
         ax.plot(*zip(*beside), "x", color="black", ms=4, label="eager, its calls alternating with each point's")
     ax.plot(mib, [p.bound_ms for p in f.points], ":", color="gray", label="bound: max(compute, reads)")
     ax.axhline(f.compute_ms, color="green", lw=1, label="all weights resident (compute)")
-    ax.axhline(KNEE * f.compute_ms, color="green", lw=0.6, ls="--", label=f"{KNEE:.2f} x compute")
+    ax.axhline(KNEE * (f.knee_compute_ms or f.compute_ms), color="green", lw=0.6, ls="--",
+               label=f"{KNEE:.2f} x compute" + (" (costs fitted at the knee)" if f.knee_compute_ms else ""))
     if f.eager_ms:
         ax.axhline(f.eager_ms, color="black", lw=0.8, ls="-.", label="eager, measured (a run of its own)")
     if f.knee_bytes:

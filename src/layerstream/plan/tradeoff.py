@@ -5,7 +5,7 @@ one measured cost model, so a user sees the whole trade-off before picking a bud
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from ..units import Program
 from .cost import CostModel
@@ -27,6 +27,7 @@ class Point:
     planner: str
     measured_ms: float | None = None
     eager_ms: float | None = None  # measured in the same run, each call beside one of measured_ms's
+    fitted_at: int | None = None  # predicted with costs fitted to calls at this budget (None: the profile's)
 
 
 @dataclass(frozen=True)
@@ -35,8 +36,11 @@ class Frontier:
     compute_ms: float  # every weight resident: the latency to approach
     weight_bytes: int  # slot bytes of every unit a call uses
     read_bps: float
-    knee_bytes: int | None  # smallest budget predicted within KNEE x compute (a point of its own)
+    # Smallest budget predicted within KNEE x compute (a point of its own), by the costs of its point's
+    # `fitted_at` where set (with_knee; then its compute is knee_compute_ms), else by the profile's.
+    knee_bytes: int | None
     eager_ms: float | None = None  # measured: every weight loaded, warm (`tradeoff --measure`)
+    knee_compute_ms: float | None = None  # the knee's line is KNEE x this (its costs' compute); None: compute_ms
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -74,3 +78,16 @@ def sweep(program: Program, sizes: dict[int, int], costs: CostModel, steps: int 
             points.insert(k, best)
     knee = points[k].budget_bytes if k is not None else None
     return Frontier(tuple(points), compute_s * 1e3, hi_bytes, costs.read_bps, knee)
+
+
+def with_knee(frontier: Frontier, found: Frontier, fitted_at: int) -> Frontier:
+    """`frontier` (the profile's) with the knee `found` by a sweep with costs fitted to calls at
+    `fitted_at` bytes: its knee point (predicted with those costs, `fitted_at` on it) replaces any
+    point of that budget, and it is the knee. Every other point stays the profile's; `frontier` as it
+    is when `found` has no knee."""
+    if found.knee_bytes is None:
+        return frontier
+    knee = replace(next(p for p in found.points if p.budget_bytes == found.knee_bytes), fitted_at=fitted_at)
+    points = sorted([p for p in frontier.points if p.budget_bytes != knee.budget_bytes] + [knee],
+                    key=lambda p: p.budget_bytes)
+    return replace(frontier, points=tuple(points), knee_bytes=knee.budget_bytes, knee_compute_ms=found.compute_ms)

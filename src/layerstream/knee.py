@@ -1,0 +1,43 @@
+"""The knee found again with a cost model fitted where it is: streamed calls at the knee's budget.
+
+How much compute slows while the disk reads (the read tax) depends on the regime the calls run in, so
+a profile fitted to warm calls at its budget (25% by default: ViT-B/16's calls there wait on the disk)
+mispredicts budgets whose reads hide under compute. On ViT-B/16 the tax per byte read came out
+0.13-0.19 ms/MB fitted at 20-27% and 0.26-0.35 at 37-73% (the 09:07 run's points, each fitted to its own
+warm calls), so the knee the profile's costs found read more per call than it could hide: predicted
+1.047x compute, measured 1.11x eager. Demand Layering found its knee by trial runs over buffer sizes;
+here the model finds it, a stream at that budget learns its costs there (its own first calls: order,
+timed and serial calls, warm refits; profile.py), and the knee is found again with them, once more if
+it moved by more than KNEE_SETTLED of the budget.
+"""
+from __future__ import annotations
+
+from .budget import fmt_bytes
+from .plan.tradeoff import Frontier, sweep, with_knee
+from .profile import Profile, profile
+
+KNEE_ROUNDS = 2  # budgets calibrated at, at most
+KNEE_SETTLED = 0.1  # a knee found within this share of the budget calibrated at is where the costs fit
+
+
+def calibrate_knee(spec, weights, prof: Profile, frontier: Frontier, device="cpu", steps: int = 12,
+                   refresh: bool = False, log=None) -> Frontier:
+    """`frontier` (swept with `prof`'s costs) with its knee found again by costs fitted to streamed
+    calls at the knee (see the module docstring). No knee, or a knee where nothing streams: as it is."""
+    log = log or (lambda msg: None)
+    fitted_at: list[int] = []
+    found = frontier
+    while len(fitted_at) < KNEE_ROUNDS:
+        knee = found.knee_bytes
+        if knee is None or knee >= frontier.weight_bytes:
+            break
+        if fitted_at and abs(knee - fitted_at[-1]) <= KNEE_SETTLED * fitted_at[-1]:
+            break
+        log(f"fitting the cost model to calls at the knee, {fmt_bytes(knee)} ...")
+        program, sizes, costs, _ = profile(spec, weights, knee, device, prof.max_unit, log=log, refresh=refresh)
+        if program != prof.program or sizes != prof.sizes:  # another cut: its costs do not plan this program
+            log("  the stream there cut the model otherwise: the knee found before stands")
+            break
+        fitted_at.append(knee)
+        found = with_knee(frontier, sweep(program, sizes, costs, steps), knee)  # (the last fit's knee only)
+    return found
