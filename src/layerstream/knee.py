@@ -3,7 +3,7 @@
 How much compute slows while the disk reads (the read tax) depends on the regime the calls run in, so
 a profile fitted to warm calls at its budget (25% by default: ViT-B/16's calls there wait on the disk)
 mispredicts budgets whose reads hide under compute. On ViT-B/16 the tax per byte read came out
-0.13-0.19 ms/MB fitted at 20-27% and 0.26-0.35 at 37-73% (the 09:07 run's points, each fitted to its own
+0.13-0.19 ms/MB fitted at 19-27% and 0.26-0.35 at 37-73% (the 09:07 run's points, each fitted to its own
 warm calls), so the knee the profile's costs found read more per call than it could hide: predicted
 1.047x compute, measured 1.11x eager. Demand Layering found its knee by trial runs over buffer sizes;
 here the model finds it, a stream at that budget learns its costs there (its own first calls: order,
@@ -12,8 +12,7 @@ timed and serial calls, warm refits; profile.py), and the knee is found again wi
 Only a knee that moved down (by more than KNEE_SETTLED of the budget) is fitted again: its plan reads
 more per call, so the tax is fitted on more. One that moved up reads less, and the tax fitted there is a
 difference within the host's noise: in a 10:51 run the costs fitted at 219.5 MiB (a plan reading 129 MiB
-a call) put the knee at 285.8 MiB, and a fit there (45 MiB a call, in a minute whose warm calls ran
-355-1250 ms) came out at 1.41 ms of compute lost per MB read where every other fit from 37% up said
+a call) put the knee at 285.8 MiB, and a fit there (a plan reading 45 MiB a call) came out at 1.41 ms of compute lost per MB read where every other fit from 37% up said
 0.24-0.42, which put the knee at the whole model.
 """
 from __future__ import annotations
