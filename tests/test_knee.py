@@ -45,4 +45,5 @@ def test_the_knee_is_found_again_with_costs_fitted_to_calls_at_it(tmp_path, monk
     assert json.dumps(next(p for p in again.points if p.budget_bytes == again.knee_bytes).predicted_ms) == \
         json.dumps(knee.predicted_ms)
     # Every other point is the profile's (a knee of an earlier round's fit is gone).
-    assert [p for p in out.points if p is not knee] == [p for p in frontier.points if p.budget_bytes != knee.budget_bytes]
+    others = [p for p in frontier.points if p.budget_bytes != knee.budget_bytes]
+    assert [p for p in out.points if p is not knee] == others

@@ -12,8 +12,9 @@ timed and serial calls, warm refits; profile.py), and the knee is found again wi
 Only a knee that moved down (by more than KNEE_SETTLED of the budget) is fitted again: its plan reads
 more per call, so the tax is fitted on more. One that moved up reads less, and the tax fitted there is a
 difference within the host's noise: in a 10:51 run the costs fitted at 219.5 MiB (a plan reading 129 MiB
-a call) put the knee at 285.8 MiB, and a fit there (a plan reading 45 MiB a call) came out at 1.41 ms of compute lost per MB read where every other fit from 37% up said
-0.24-0.42, which put the knee at the whole model.
+a call) put the knee at 285.8 MiB, and a fit there (a plan reading some 50 MiB a call) came out at 1.41 ms
+of compute lost per MB read where every other fit from 37% up said 0.24-0.42, which put the knee at
+the whole model.
 """
 from __future__ import annotations
 
