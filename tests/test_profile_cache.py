@@ -322,7 +322,8 @@ def _greedy_a_then_b(monkeypatch, b_over_a: float | None = None) -> tuple[list, 
 def test_the_last_refit_goes_back_to_a_re_plan_that_ran_faster(saved, monkeypatch):
     # Greedy's first two answers are forced (every unit streamed through the smallest ring, A, then a
     # larger ring, B, each said to be faster): A is refit and B chosen; the last round refits B, and if
-    # A's warm calls ran faster (here made so), the model goes back to A with the costs fitted to A.
+    # A's warm calls ran faster (here made so), the model goes back to A with the costs fitted to A, and
+    # fits them once more to A's warm calls after going back (a round that does not re-plan).
     from layerstream.plan.simulate import simulate
     s = saved("tiny-gpt2")
     asked, _ = _greedy_a_then_b(monkeypatch)
@@ -335,14 +336,20 @@ def test_the_last_refit_goes_back_to_a_re_plan_that_ran_faster(saved, monkeypatc
         sm._kept = (a_plan, 1e-9, a_costs, "A's refit")  # A's warm calls: faster than B's can be
         for _ in range(3):  # B: settle and two warm calls, refit: the last round
             s.check(sm(*s.inputs))
-        assert sm.learning == "done" and len(asked) == 2
+        assert sm.learning == "settle" and len(asked) == 2
         assert sm.plan == a_plan and sm.costs is a_costs and "back to it" in sm.profile_note
         assert sm.prediction == simulate(sm.cap.program, sm.sizes, a_costs, a_plan)
+        for _ in range(3):  # A again: settle and two warm calls, fitted once more; no re-plan
+            s.check(sm(*s.inputs))
+        assert sm.learning == "done" and len(asked) == 2 and sm.plan == a_plan
+        assert sm.costs is not a_costs and "after going back to it" in sm.profile_note
+        assert sm.prediction == simulate(sm.cap.program, sm.sizes, sm.costs, a_plan)
+        fitted = sm.costs
         s.check(sm(*s.inputs))
-    # The cache keeps A with A's costs: greedy's plan from them would be B again, measured and left.
+    # The cache keeps A with the costs fitted last: greedy's plan from them might be B again, measured and left.
     with ls.stream(s.model(), s.path, budget=budget(s), max_unit=UNIT) as again:
         s.check(again(*s.inputs))
-        assert again.learning == "check" and again.costs == a_costs and again.plan == a_plan and len(asked) == 2
+        assert again.learning == "check" and again.costs == fitted and again.plan == a_plan and len(asked) == 2
 
 
 def test_a_plan_tried_but_never_measured_goes_back(saved, monkeypatch):

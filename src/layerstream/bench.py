@@ -35,8 +35,9 @@ from .measure import disk_read_bps, evict_files, page_cache_bytes, peak_rss_byte
 from .outputs import outputs_equal, tensors_of
 from .peers import PEERS
 
-# Warm-up calls at most while a stream still learns (learn.py: 6 to 9 if anything streams, more for retries).
-LEARNING_CALLS_MAX = 11
+# Warm-up calls at most while a stream still learns (learn.py: 6 to 9 if anything streams, 12 if it goes back
+# to a plan and fits it again; more for retries).
+LEARNING_CALLS_MAX = 12
 EAGER_SYSTEMS = ("eager", "load-then-run")  # the whole state dict loaded, then run
 
 
@@ -122,7 +123,7 @@ def worker(cfg: dict) -> dict:
     else:
         run = _load(cfg, model, device)
         lat, warmup = [], 1
-        if system == "layerstream":  # the first calls learn the order and costs (6 to 9: learn.py), at least 3,
+        if system == "layerstream":  # the first calls learn the order and costs (6 to 12: learn.py), at least 3,
             warmup = 0  # and a call that re-planned is followed by one more (a new plan's first starts empty)
             while warmup < LEARNING_CALLS_MAX:
                 plan = run.plan

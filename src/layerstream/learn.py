@@ -14,7 +14,9 @@ it is (the simulator's steady state; the faster, as a slow moment of the host is
 greedy plans once more with those costs, up to REFINE_ROUNDS times; the last round only fits, so the
 plan that runs is the plan its costs were fitted to (when greedy moved on at the last round, its plan
 ran 30% faster than costs fitted to another predicted), or goes back to the re-plan before it if that
-one's warm calls ran faster (a re-plan chosen from a refit once ran 495-525 ms after one at 361-364).
+one's warm calls ran faster (a re-plan chosen from a refit once ran 495-525 ms after one at 361-364),
+whose warm calls after going back are fitted once more (those it was fitted to ran a few calls into the
+process: ResNet-50's at 50% 129.6 ms and 156, then 106-113 after going back, 17.9% off its prediction).
 After the first refit, greedy's plan is tried even if predicted up to EXPLORE_SLACK slower, as the last
 round measures it against the plan before (ViT-B/16 at 50%: with costs fitted to the fill plan's calls
 greedy's plan was predicted 1% faster; runs an hour apart measured it at 366 ms and the fill plan at
@@ -213,7 +215,7 @@ def _learn(sm, ex, key: tuple) -> None:
     sm._mismatches = 0
     costs = calibrate(sm.cap.program, sm.sizes, costs, sm.plan, sm._overlapped_s, sm._overlapped.compute_total_s)
     _to_cache(sm, key, costs)
-    sm._refines, sm._kept = REFINE_ROUNDS, None
+    sm._refines, sm._kept, sm._gone_back = REFINE_ROUNDS, None, False
     adopt(sm, costs, refine=True)
     if sm._learning == "done" and not hasattr(sm, "session_name"):  # greedy kept the plan: its warm calls
         sm._learning = "settle"  # are fitted all the same (this serial call read nothing ahead: the next settles)
@@ -249,6 +251,7 @@ def _refine(sm, ex, key: tuple) -> None:
     sm._refines -= 1
     if sm._refines == 0 and sm._kept is not None and sm._kept[1] < took * (1 - REPLAN_GAIN):
         _back_to_kept(sm, key, f"ran slower ({took * 1e3:.1f} ms against {sm._kept[1] * 1e3:.1f})")
+        sm._learning, sm._refines, sm._kept = "settle", 1, None  # a last round: it fits, does not re-plan
         return
     pure = sm._pure_costs
     if sm.device.type == "cpu":  # (on CUDA a step's host time is not its kernels': the GPU runs behind the host)
@@ -257,7 +260,7 @@ def _refine(sm, ex, key: tuple) -> None:
     costs = calibrate(sm.cap.program, sm.sizes, pure, sm.plan, took, fitted.compute_total_s, calls=WARM_CALLS,
                       most_bps=WARM_SPEEDUP_MAX * pure.read_bps)
     by = (f"calls 2 and 3, slowdowns fitted again to call {call} (the plan's, the faster of calls "
-          f"{sm._warm[0][1]} and {sm._warm[-1][1]})")
+          f"{sm._warm[0][1]} and {sm._warm[-1][1]}{', after going back to it' if sm._gone_back else ''})")
     sm._kept = (sm.plan, took, costs, by)
     # The last round keeps the plan it was fitted to; the one before tries greedy's plan even if predicted
     # a little slower, as the last round measures it against this one (and goes back if it is slower).
@@ -277,6 +280,7 @@ def _stop_refining(sm, key: tuple, why: str) -> None:
 def _back_to_kept(sm, key: tuple, why: str) -> None:
     """Run the plan of the round before (`sm._kept`) again, with the costs fitted to it, and cache both."""
     plan, _, costs, by = sm._kept
+    sm._gone_back = True
     _run_plan(sm, plan, costs)
     _to_cache(sm, key, costs, f"{by}; the plan after it {why}: back to it", plan)
 

@@ -30,7 +30,7 @@ from .plan.cost import CostModel
 from .plan.types import Plan
 from .units import Program, TensorRef, Unit
 
-PROFILE_CALLS = 15  # at most: order, check (3), timed, serial, two retries of other shapes, two refits (3 each)
+PROFILE_CALLS = 17  # at most: order, check (3), timed, serial, two retries of other shapes, three refits (3 each)
 # Bump CACHE_VERSION when the JSON's meaning changes: older files are then measured again. 2: gather and
 # block units (units carry a mode); 3: stream()'s own entries, per-unit read bytes; 4: the read tax a
 # slowdown while reading, and the disk's beside compute; 5: kernel AIO topped up per root and per
@@ -164,7 +164,7 @@ def profile(spec, weights: str | os.PathLike, budget="25%", device="cpu", max_un
              "refine": "fitting the slowdowns again to the plan's warm calls"}
     with sm:
         log(f"  streaming at {fmt_bytes(sm.budget_bytes)} in units of at most {fmt_bytes(sm.max_unit)}")
-        for i in range(PROFILE_CALLS):  # 6-9 when measuring; a cached model is checked, maybe measured again
+        for i in range(PROFILE_CALLS):  # 6-12 when measuring; a cached model is checked, maybe measured again
             stage = sm.learning
             t = time.perf_counter()
             sm(*inputs)
@@ -282,7 +282,7 @@ def load_or_profile(spec, weights, budget="25%", device="cpu", max_unit: int | N
     prof, path = (None, cache_path(key)) if refresh else read_cached(key, log)
     if prof is not None:
         return prof, path, True
-    log(f"profiling {spec.name} on {key['device']} (six to nine streamed calls; cached in {path.parent}) ...")
+    log(f"profiling {spec.name} on {key['device']} (six to twelve streamed calls; cached in {path.parent}) ...")
     t = time.perf_counter()
     program, sizes, costs, max_unit = profile(spec, weights, budget, device, max_unit, log=log,
                                               refresh=refresh)
