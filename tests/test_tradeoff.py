@@ -33,7 +33,7 @@ def test_sweep_spans_minimum_to_whole_model_and_finds_the_knee():
     assert all(p.arena_bytes <= p.budget_bytes for p in f.points)
     assert all(p.predicted_ms >= f.compute_ms - 1e-9 for p in f.points)
     assert f.points[0].predicted_ms > KNEE * f.compute_ms  # at the minimum, dense reads cannot hide
-    knee = next(p for p in f.points if p.budget_bytes == f.knee_bytes)
+    knee = f.knee_point
     assert knee.predicted_ms <= KNEE * f.compute_ms
     assert all(p.predicted_ms > KNEE * f.compute_ms for p in f.points if p.budget_bytes < f.knee_bytes)
 
@@ -224,7 +224,7 @@ def test_the_knee_is_found_between_the_sweeps_budgets():
     """Bisection puts the knee within 0.5% of the smallest budget greedy predicts within KNEE x compute."""
     program, sizes, costs = _program()
     coarse = sweep(program, sizes, costs, steps=3)
-    knee = next(p for p in coarse.points if p.budget_bytes == coarse.knee_bytes)
+    knee = coarse.knee_point
     assert knee.predicted_ms <= KNEE * coarse.compute_ms
     below = coarse.points[coarse.points.index(knee) - 1]
     assert below.predicted_ms > KNEE * coarse.compute_ms
@@ -235,7 +235,8 @@ def test_the_knee_is_found_between_the_sweeps_budgets():
     assert abs(fine.knee_bytes - coarse.knee_bytes) <= step  # the same knee, whatever the grid
 
 
-def test_tradeoff_measure_runs_every_point_and_eager_in_fresh_processes(tmp_path, capsys):
+def test_tradeoff_measure_runs_every_point_and_eager_in_fresh_processes(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("LAYERSTREAM_CACHE", str(tmp_path / "cache"))
     out_json = tmp_path / "f.json"
     assert cli.main(["tradeoff", "zoo:tiny-bert", "--steps", "3", "--measure", "--repeat", "1",
                      "--json", str(out_json)]) == 0
@@ -256,12 +257,12 @@ def test_with_knee_puts_the_knee_found_by_other_costs_among_the_profiles_points(
     found = sweep(program, sizes, replace(costs, read_slowdown=1.0), steps=6)
     assert frontier.knee_bytes < found.knee_bytes == frontier.points[-1].budget_bytes
     merged = with_knee(frontier, found, fitted_at=frontier.knee_bytes)
-    knee = next(p for p in merged.points if p.budget_bytes == merged.knee_bytes)
+    knee = merged.knee_point
     assert merged.knee_bytes == found.knee_bytes and knee.fitted_at == frontier.knee_bytes
-    assert knee == replace(next(p for p in found.points if p.budget_bytes == found.knee_bytes),
-                           fitted_at=frontier.knee_bytes)
+    assert knee == replace(found.knee_point, fitted_at=frontier.knee_bytes)
     others = [p for p in merged.points if p is not knee]
     assert others == [p for p in frontier.points if p.budget_bytes != knee.budget_bytes]
     assert [p.budget_bytes for p in merged.points] == [p.budget_bytes for p in frontier.points]
     assert merged.compute_ms == frontier.compute_ms and merged.knee_compute_ms == found.compute_ms
+    assert merged.profile_knee_bytes == frontier.knee_bytes
     assert with_knee(frontier, replace(found, knee_bytes=None), 1) == frontier

@@ -143,18 +143,20 @@ def cmd_tradeoff(a) -> int:
                     r = spawn(cfg)
                 points.append(replace(p, measured_ms=r["latency_ms"], eager_ms=r.get("eager_beside_ms")))
         frontier = replace(frontier, points=tuple(points), eager_ms=eager_ms)
-    knee = next((p for p in frontier.points if p.budget_bytes == frontier.knee_bytes), None)
+    knee, moved = frontier.knee_point, frontier.profile_knee_bytes
     print(f"\n{a.model}: compute {frontier.compute_ms:.1f} ms with every weight resident"
           + (f" (eager measured {frontier.eager_ms:.1f} ms)" if frontier.eager_ms else "")
           + f"; read speed {frontier.read_bps / 1e9:.2f} GB/s (calibrated); knee (predicted <= 1.05x compute"
-          + (f" by costs fitted to calls at {fmt_bytes(knee.fitted_at)}" if knee and knee.fitted_at else "") + "): "
+          + (f", {frontier.knee_compute_ms:.1f} ms by costs fitted to calls at {fmt_bytes(knee.fitted_at)}; the "
+             f"profile's costs put it at {fmt_bytes(moved)}" if knee and knee.fitted_at else "") + "): "
           + (fmt_bytes(knee.budget_bytes) if knee else "none")
           + (f", measured {knee.measured_ms / knee.eager_ms:.2f}x eager (calls alternating in one run)"
              if knee and knee.measured_ms and knee.eager_ms else "") + "\n")
     print("| budget | share | predicted ms | measured ms | eager beside ms | bound ms | read per call | planner |\n"
           "|---|---|---|---|---|---|---|---|")
     for p in frontier.points:
-        print(f"| {fmt_bytes(p.budget_bytes)}{' (knee)' if p is knee else ''} | {p.budget_bytes / frontier.weight_bytes:.0%} | "
+        mark = " (knee)" if p is knee else " (the profile's knee)" if moved and p.budget_bytes == moved else ""
+        print(f"| {fmt_bytes(p.budget_bytes)}{mark} | {p.budget_bytes / frontier.weight_bytes:.0%} | "
               f"{p.predicted_ms:.1f} | " + (f"{p.measured_ms:.1f}" if p.measured_ms is not None else "–")
               + " | " + (f"{p.eager_ms:.1f}" if p.eager_ms is not None else "–")
               + f" | {p.bound_ms:.1f} | {fmt_bytes(p.streamed_bytes)} | {p.planner}"

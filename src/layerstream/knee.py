@@ -19,6 +19,7 @@ the whole model.
 from __future__ import annotations
 
 from .budget import fmt_bytes
+from .errors import BudgetError, ModelError
 from .plan.tradeoff import Frontier, sweep, with_knee
 from .profile import Profile, profile
 
@@ -30,7 +31,8 @@ def calibrate_knee(spec, weights, prof: Profile, frontier: Frontier, device="cpu
                    refresh: bool = False, log=None) -> Frontier:
     """`frontier` (swept with `prof`'s costs) with its knee found again by costs fitted to streamed
     calls at the knee, again if that knee is lower (see the module docstring). No knee, or a knee where
-    nothing streams: as it is."""
+    nothing streams: as it is. A stream there that cannot learn costs (or cuts the model otherwise)
+    leaves the knee found before."""
     log = log or (lambda msg: None)
     fitted_at: list[int] = []
     found = frontier
@@ -41,7 +43,11 @@ def calibrate_knee(spec, weights, prof: Profile, frontier: Frontier, device="cpu
         if fitted_at and knee >= fitted_at[-1] * (1 - KNEE_SETTLED):  # (it reads no more than the fit's plan)
             break
         log(f"fitting the cost model to calls at the knee, {fmt_bytes(knee)} ...")
-        program, sizes, costs, _ = profile(spec, weights, knee, device, prof.max_unit, log=log, refresh=refresh)
+        try:
+            program, sizes, costs, _ = profile(spec, weights, knee, device, prof.max_unit, log=log, refresh=refresh)
+        except (BudgetError, ModelError) as e:  # e.g. calls whose order varies: no costs to fit there
+            log(f"  no cost model at the knee ({str(e).splitlines()[0]}): the knee found before stands")
+            break
         if program != prof.program or sizes != prof.sizes:  # another cut: its costs do not plan this program
             log("  the stream there cut the model otherwise: the knee found before stands")
             break

@@ -12,7 +12,11 @@ def plot_frontier(f: Frontier, title: str, path: str) -> None:
 
     mib = [p.budget_bytes / 2**20 for p in f.points]
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
-    ax.plot(mib, [p.predicted_ms for p in f.points], "o-", label="predicted (the planner's choice)")
+    ax.plot([m for m, p in zip(mib, f.points) if p.fitted_at is None],
+            [p.predicted_ms for p in f.points if p.fitted_at is None], "o-", label="predicted (the planner's choice)")
+    fitted = [(m, p.predicted_ms) for m, p in zip(mib, f.points) if p.fitted_at is not None]
+    if fitted:
+        ax.plot(*zip(*fitted), "*", color="red", ms=11, label="the knee, predicted by costs fitted at it")
     measured = [(m, p.measured_ms) for m, p in zip(mib, f.points) if p.measured_ms is not None]
     if measured:
         ax.plot(*zip(*measured), "s--", label="measured")

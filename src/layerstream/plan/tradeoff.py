@@ -1,7 +1,8 @@
 """The memory-latency frontier: the best predicted latency at every budget, and where the knee is.
 
 Demand Layering found its buffer size by trial runs; here the frontier is swept on the simulator with
-one measured cost model, so a user sees the whole trade-off before picking a budget.
+the profile's cost model, so a user sees the whole trade-off before picking a budget; the knee may then
+be found again with costs fitted to calls at it (`with_knee`; knee.py streams those calls).
 """
 from __future__ import annotations
 
@@ -41,6 +42,11 @@ class Frontier:
     knee_bytes: int | None
     eager_ms: float | None = None  # measured: every weight loaded, warm (`tradeoff --measure`)
     knee_compute_ms: float | None = None  # the knee's line is KNEE x this (its costs' compute); None: compute_ms
+    profile_knee_bytes: int | None = None  # where the profile's costs put the knee, when with_knee moved it
+
+    @property
+    def knee_point(self) -> Point | None:
+        return next((p for p in self.points if p.budget_bytes == self.knee_bytes), None)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -87,7 +93,8 @@ def with_knee(frontier: Frontier, found: Frontier, fitted_at: int) -> Frontier:
     is when `found` has no knee."""
     if found.knee_bytes is None:
         return frontier
-    knee = replace(next(p for p in found.points if p.budget_bytes == found.knee_bytes), fitted_at=fitted_at)
+    knee = replace(found.knee_point, fitted_at=fitted_at)
     points = sorted([p for p in frontier.points if p.budget_bytes != knee.budget_bytes] + [knee],
                     key=lambda p: p.budget_bytes)
-    return replace(frontier, points=tuple(points), knee_bytes=knee.budget_bytes, knee_compute_ms=found.compute_ms)
+    return replace(frontier, points=tuple(points), knee_bytes=knee.budget_bytes, knee_compute_ms=found.compute_ms,
+                   profile_knee_bytes=frontier.knee_bytes)
