@@ -147,8 +147,8 @@ def cmd_tradeoff(a) -> int:
     print(f"\n{a.model}: compute {frontier.compute_ms:.1f} ms with every weight resident"
           + (f" (eager measured {frontier.eager_ms:.1f} ms)" if frontier.eager_ms else "")
           + f"; read speed {frontier.read_bps / 1e9:.2f} GB/s (calibrated); knee (predicted <= 1.05x compute"
-          + (f", {frontier.knee_compute_ms:.1f} ms by costs fitted to calls at {fmt_bytes(knee.fitted_at)}; the "
-             f"profile's costs put it at {fmt_bytes(moved)}" if knee and knee.fitted_at else "") + "): "
+          + (f" of {frontier.knee_compute_ms:.1f} ms, by costs fitted to calls at {fmt_bytes(knee.fitted_at)}; "
+             f"the profile's costs put it at {fmt_bytes(moved)}" if knee and knee.fitted_at else "") + "): "
           + (fmt_bytes(knee.budget_bytes) if knee else "none")
           + (f", measured {knee.measured_ms / knee.eager_ms:.2f}x eager (calls alternating in one run)"
              if knee and knee.measured_ms and knee.eager_ms else "") + "\n")
