@@ -215,7 +215,7 @@ def _learn(sm, ex, key: tuple) -> None:
     sm._mismatches = 0
     costs = calibrate(sm.cap.program, sm.sizes, costs, sm.plan, sm._overlapped_s, sm._overlapped.compute_total_s)
     _to_cache(sm, key, costs)
-    sm._refines, sm._kept, sm._gone_back = REFINE_ROUNDS, None, False
+    sm._refines, sm._kept = REFINE_ROUNDS, None
     adopt(sm, costs, refine=True)
     if sm._learning == "done" and not hasattr(sm, "session_name"):  # greedy kept the plan: its warm calls
         sm._learning = "settle"  # are fitted all the same (this serial call read nothing ahead: the next settles)
@@ -259,8 +259,10 @@ def _refine(sm, ex, key: tuple) -> None:
             pure = least_compute(pure, warm)
     costs = calibrate(sm.cap.program, sm.sizes, pure, sm.plan, took, fitted.compute_total_s, calls=WARM_CALLS,
                       most_bps=WARM_SPEEDUP_MAX * pure.read_bps)
+    # A last round with nothing kept is the one after going back (with REFINE_ROUNDS > 1).
+    back = sm._refines == 0 and sm._kept is None
     by = (f"calls 2 and 3, slowdowns fitted again to call {call} (the plan's, the faster of calls "
-          f"{sm._warm[0][1]} and {sm._warm[-1][1]}{', after going back to it' if sm._gone_back else ''})")
+          f"{sm._warm[0][1]} and {sm._warm[-1][1]}{', after going back to it' if back else ''})")
     sm._kept = (sm.plan, took, costs, by)
     # The last round keeps the plan it was fitted to; the one before tries greedy's plan even if predicted
     # a little slower, as the last round measures it against this one (and goes back if it is slower).
@@ -280,7 +282,6 @@ def _stop_refining(sm, key: tuple, why: str) -> None:
 def _back_to_kept(sm, key: tuple, why: str) -> None:
     """Run the plan of the round before (`sm._kept`) again, with the costs fitted to it, and cache both."""
     plan, _, costs, by = sm._kept
-    sm._gone_back = True
     _run_plan(sm, plan, costs)
     _to_cache(sm, key, costs, f"{by}; the plan after it {why}: back to it", plan)
 

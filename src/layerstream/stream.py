@@ -123,7 +123,6 @@ class StreamedModel(nn.Module):
         self._refines = 0  # rounds left whose plan's warm calls are fitted again (learn.REFINE_ROUNDS)
         self._warm: list = []  # this round's warm calls so far: (s, call number, their CostModel)
         self._kept = None  # the last refit plan: (plan, its faster warm call s, its costs, how fitted)
-        self._gone_back = False  # learning went back to the plan of the round before (learn._back_to_kept)
         self._timed_read_bytes = 0  # what the timed call's plan read (learn.REFIT_MIN_SHARE)
         self.prediction: Prediction | None = None
         plan = plan or plan_fill(self.cap.program, self.sizes, self.budget_bytes)
